@@ -1,0 +1,5 @@
+"""`python -m rpd_mpi` runs the command line."""
+
+from rpd_mpi.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""What each `rpd-mpi` subcommand does, dispatched through a table (`HANDLERS`).
+
+`cli` parses; this module validates (ConfigError -> one-line error, exit 2), runs and prints.
+Every `--json` output is one object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Callable
+
+from rpd_mpi.config import ConfigError, ScheduleConfig
+
+
+def run(args: argparse.Namespace) -> int:
+    return HANDLERS[args.command](args)
+
+
+def _check_out(path: str) -> None:
+    """Fail before any work if the ledger cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError("--out", f"directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError("--out", f"directory {folder} is not writable")
+
+
+def _print_summary(record: Any, as_json: bool, out: str = "") -> None:
+    from rpd_mpi.report import format_summary, summarize
+    summary = summarize(record)
+    if out:
+        summary["ledger"] = out
+    if as_json:
+        print(json.dumps(summary, sort_keys=False))
+    else:
+        print(format_summary(summary))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rpd_mpi.cli import FLAGS, config_from
+    from rpd_mpi.ledger import write_run
+    from rpd_mpi.runs import build, simulate_run
+    cfg = config_from(args, FLAGS)
+    _check_out(cfg.out)
+    model = build(cfg)
+    record = simulate_run(cfg, model)
+    write_run(cfg.out, record)
+    _print_summary(record, args.json, cfg.out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    raise ConfigError("train", "the MPI runtime is not part of this build yet; use simulate")
+
+
+def _schedule_config(args: argparse.Namespace, default_n: Callable[[int], int]) -> ScheduleConfig:
+    stages = 4 if args.stages is None else args.stages
+    if isinstance(stages, int) and stages < 1:
+        raise ConfigError("--stages", f"must be an integer >= 1 (got {stages})")
+    n = default_n(stages) if args.microbatches is None else args.microbatches
+    return ScheduleConfig(method=args.method, stages=stages, microbatches=n,
+                          noam=args.noam or 0, trajectories=args.trajectories or 1,
+                          local_steps=args.local_steps or 1, flush=args.flush or 0)
+
+
+def _timeline(sch: ScheduleConfig) -> Any:
+    from rpd_mpi.schedule import generate
+    return generate(sch.method, sch.stages, sch.microbatches, noam=sch.noam,
+                    trajectories=sch.trajectories, local_steps=sch.local_steps,
+                    flush=sch.flush)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from rpd_mpi.programs import render
+    tl = _timeline(_schedule_config(args, lambda s: 2 * s))
+    if args.json:
+        print(json.dumps({"method": tl.method, "stages": tl.stages,
+                          "microbatches": tl.microbatches, "slots": tl.slots,
+                          "kind": tl.kind.T.tolist(), "mb": tl.mb.T.tolist(),
+                          "averages": list(tl.averages)}))
+    else:
+        print(render(tl))
+    return 0
+
+
+def cmd_delays(args: argparse.Namespace) -> int:
+    from rpd_mpi.delays import delay_stats, pd_steady_max
+    tl = _timeline(_schedule_config(args, lambda s: 10 * s))
+    stats = delay_stats(tl)
+    stats["formula_max"] = pd_steady_max(tl.stages) if tl.method == "pd" else None
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        for key, value in stats.items():
+            print(f"{key:28s} {value}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rpd_mpi.ledger import LedgerError, read_run
+    try:
+        record = read_run(args.ledger)
+    except LedgerError as err:
+        raise ConfigError("ledger", str(err)) from None
+    _print_summary(record, args.json)
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "simulate": cmd_simulate, "train": cmd_train, "schedule": cmd_schedule,
+    "delays": cmd_delays, "report": cmd_report,
+}

@@ -1,0 +1,426 @@
+"""The HDF5 ledger: the one schema for run files and per-rank part files (the only h5py importer).
+
+This module owns the on-disk layout. Engines hand it a `RunRecord` (`rpd_mpi.records`);
+analysis reads a `RunRecord` back. docs/LEDGER.md has the same schema as a table.
+
+Run file (`run.h5`, schema version 1)::
+
+    /                       attrs: schema_version (int), complete (bool, written last),
+                            package_version (str), config (JSON str), json_attrs (JSON list),
+                            and every entry of RunRecord.attrs
+    /updates/<field>        K rows each, in global update order k:
+                            k, microbatch, batch, version, local_staleness (int64);
+                            stage, group, trajectory (int32); loss, grad_norm, time (float64)
+    /updates/delays         K x S int64, delays[k, s'] = k - j_k^(s')
+    /events                 compound, EVENT_DTYPE, one row per executed op
+    /objective/{time,k,value}   float64, int64, float64
+    /final_blocks/block_000 ... one dataset per stage (shapes and dtypes as the engine gave)
+    /timeline/kind          T x S int8 op codes (only when the run had a unit-time timeline)
+    /timeline/mb            T x S int64 microbatch ids (idle cells as the engine filled them)
+
+Attribute encoding: str, bool, int, float (Python or numpy scalars) are stored natively.
+Lists, tuples, dicts, numpy arrays and None are stored as JSON strings, their names listed
+in the root attribute `json_attrs`; reading decodes them (tuples and arrays come back as
+lists, None as None). Names in `RESERVED_ATTRS` may not appear in RunRecord.attrs.
+
+Writes are atomic: `write_run` writes `<path>.partial`, sets `complete` as the last write,
+closes, then `os.replace`s it to `path`. Readers reject files of another schema version and
+files whose `complete` attribute is not True.
+
+Part file (one per rank, appended during an MPI run, assembled by rank 0 at the end)::
+
+    /                       attrs: schema_version, kind = "rank_part", rank, complete
+    /events                 resizable, chunked, EVENT_DTYPE
+    /updates                resizable, chunked, PART_UPDATE_DTYPE
+
+Rows are buffered in memory (default 1024) and appended in blocks: one resize per block,
+never one per row (HPC-NOTES: per-row resizing is ~250x slower).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterable, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from rpd_mpi import __version__
+from rpd_mpi.records import EVENT_DTYPE, Objective, RunRecord, Updates
+
+SCHEMA_VERSION = 1
+RESERVED_ATTRS = ("schema_version", "complete", "package_version", "config", "json_attrs")
+
+#: dtype of every /updates dataset (delays: int64, K x S).
+UPDATE_DTYPES: dict[str, np.dtype] = {
+    "k": np.dtype("i8"), "stage": np.dtype("i4"), "group": np.dtype("i4"),
+    "trajectory": np.dtype("i4"), "microbatch": np.dtype("i8"), "batch": np.dtype("i8"),
+    "version": np.dtype("i8"), "local_staleness": np.dtype("i8"),
+    "loss": np.dtype("f8"), "grad_norm": np.dtype("f8"), "time": np.dtype("f8"),
+}
+_OBJECTIVE_DTYPES = {"time": np.dtype("f8"), "k": np.dtype("i8"), "value": np.dtype("f8")}
+
+#: One row per block update, as a rank records it during an MPI run. `version` is the block
+#: version read by F (= the version B updates); `start`/`end` are MPI.Wtime() seconds of the
+#: backward+update; global k and the delays are derived at assembly from these and the events.
+PART_UPDATE_DTYPE = np.dtype([
+    ("stage", "i4"), ("group", "i4"), ("trajectory", "i4"),
+    ("microbatch", "i8"), ("batch", "i8"), ("version", "i8"), ("local_staleness", "i8"),
+    ("loss", "f8"), ("grad_norm", "f8"), ("start", "f8"), ("end", "f8"),
+])
+
+_COMPRESS_MIN = 4096     # elements; smaller datasets are stored contiguous, uncompressed
+_PART_CHUNK = 1024       # rows per chunk of a part file's resizable datasets
+
+
+class LedgerError(Exception):
+    """A ledger or data file cannot be written or read as asked; the message says why."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_run(path: str | os.PathLike, record: RunRecord) -> None:
+    """Write `record` to `path` atomically (via `<path>.partial` and `os.replace`)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise LedgerError(f"cannot write ledger {path}: directory {path.parent} does not exist")
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with h5py.File(partial, "w") as f:
+            f.attrs["complete"] = False
+            _write_attrs(f, record)
+            _write_updates(f.create_group("updates"), record.updates)
+            _write_events(f, record.events)
+            _write_objective(f.create_group("objective"), record.objective)
+            _write_blocks(f.create_group("final_blocks"), record.final_blocks)
+            _write_timeline(f, record.timeline_kind, record.timeline_mb)
+            f.attrs["complete"] = True
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+
+
+def _write_attrs(f: h5py.File, record: RunRecord) -> None:
+    clash = sorted(set(record.attrs) & set(RESERVED_ATTRS))
+    if clash:
+        raise LedgerError(f"RunRecord.attrs uses names reserved by the ledger: {clash}")
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["package_version"] = __version__
+    f.attrs["config"] = _to_json(record.config, "config")
+    json_names = []
+    for name, value in record.attrs.items():
+        if value is None or isinstance(value, (list, tuple, dict, np.ndarray)):
+            f.attrs[name] = _to_json(value, name)
+            json_names.append(name)
+        elif isinstance(value, (str, bool, int, float, np.generic)):
+            f.attrs[name] = value
+        else:
+            raise LedgerError(f"attribute {name!r} has unsupported type {type(value).__name__}")
+    f.attrs["json_attrs"] = json.dumps(json_names)
+
+
+def _to_json(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise LedgerError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _create(group: h5py.Group, name: str, data: np.ndarray, compress: bool) -> None:
+    """A dataset; gzip(1)+shuffle only for compressible arrays large enough to matter."""
+    if compress and data.size >= _COMPRESS_MIN:
+        group.create_dataset(name, data=data, compression="gzip", compression_opts=1,
+                             shuffle=True, chunks=True)
+    else:
+        group.create_dataset(name, data=data)
+
+
+def _cast(value: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    try:
+        return np.asarray(value).astype(dtype, casting="same_kind", copy=False)
+    except TypeError as exc:
+        raise LedgerError(f"{what} has dtype {np.asarray(value).dtype}, "
+                          f"which does not cast safely to {dtype}") from exc
+
+
+def _write_updates(group: h5py.Group, updates: Updates) -> None:
+    n = len(updates)
+    for name, dtype in UPDATE_DTYPES.items():
+        data = _cast(getattr(updates, name), dtype, f"updates.{name}")
+        if data.shape != (n,):
+            raise LedgerError(f"updates.{name} has shape {data.shape}; expected ({n},)")
+        _create(group, name, data, compress=dtype.kind == "i")
+    delays = _cast(updates.delays, np.dtype("i8"), "updates.delays")
+    if delays.ndim != 2 or delays.shape[0] != n:
+        raise LedgerError(f"updates.delays has shape {delays.shape}; expected ({n}, S)")
+    _create(group, "delays", delays, compress=True)
+
+
+def _write_events(f: h5py.File, events: np.ndarray) -> None:
+    if events.dtype != EVENT_DTYPE or events.ndim != 1:
+        raise LedgerError(f"events must be a 1-D array of EVENT_DTYPE, got {events.dtype}")
+    _create(f, "events", events, compress=True)
+
+
+def _write_objective(group: h5py.Group, objective: Objective) -> None:
+    arrays = {n: _cast(getattr(objective, n), d, f"objective.{n}")
+              for n, d in _OBJECTIVE_DTYPES.items()}
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise LedgerError(f"objective time, k, value must be 1-D of one length, got {shapes}")
+    for name, data in arrays.items():
+        _create(group, name, data, compress=False)
+
+
+def _write_blocks(group: h5py.Group, blocks: Sequence[np.ndarray]) -> None:
+    group.attrs["count"] = len(blocks)
+    for s, block in enumerate(blocks):
+        group.create_dataset(_block_name(s), data=np.asarray(block))
+
+
+def _block_name(stage: int) -> str:
+    return f"block_{stage:03d}"
+
+
+def _write_timeline(f: h5py.File, kind: np.ndarray | None, mb: np.ndarray | None) -> None:
+    if kind is None and mb is None:
+        return
+    group = f.create_group("timeline")
+    if kind is not None:
+        _create(group, "kind", _cast(kind, np.dtype("i1"), "timeline_kind"), compress=True)
+    if mb is not None:
+        _create(group, "mb", _cast(mb, np.dtype("i8"), "timeline_mb"), compress=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _open(path: str | os.PathLike, what: str) -> h5py.File:
+    """Open an existing HDF5 file for reading, or raise LedgerError saying why not."""
+    path = Path(path)
+    if not path.exists():
+        hint = ""
+        if path.with_name(path.name + ".partial").exists():
+            hint = f" (but {path.name}.partial exists: the run did not finish writing it)"
+        raise LedgerError(f"{what} {path} does not exist{hint}")
+    if path.is_dir() or not h5py.is_hdf5(path):
+        raise LedgerError(f"{what} {path} is not an HDF5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise LedgerError(f"{what} {path} cannot be opened: {exc}") from exc
+
+
+def _check_version(f: h5py.File, path: str | os.PathLike) -> None:
+    if "schema_version" not in f.attrs:
+        raise LedgerError(f"{path} is not an rpd_mpi ledger (no schema_version attribute)")
+    version = int(f.attrs["schema_version"])
+    if version != SCHEMA_VERSION:
+        raise LedgerError(f"{path} has ledger schema version {version}; "
+                          f"this rpd_mpi reads version {SCHEMA_VERSION}")
+
+
+def _check_header(f: h5py.File, path: str | os.PathLike) -> None:
+    _check_version(f, path)
+    if f.attrs.get("kind") == "rank_part":
+        raise LedgerError(f"{path} is a rank part file, not a run ledger (see read_part)")
+    if not bool(f.attrs.get("complete", False)):
+        raise LedgerError(f"{path} is incomplete (the run did not finish writing it)")
+
+
+def read_run(path: str | os.PathLike) -> RunRecord:
+    """Read a run file written by `write_run`; LedgerError if it is not a complete v1 ledger."""
+    with _open(path, "ledger") as f:
+        _check_header(f, path)
+        try:
+            return RunRecord(
+                attrs=_read_attrs(f), config=json.loads(f.attrs["config"]),
+                updates=_read_updates(f["updates"]), events=f["events"][()],
+                objective=Objective(**{n: f["objective"][n][()] for n in _OBJECTIVE_DTYPES}),
+                final_blocks=_read_blocks(f["final_blocks"]),
+                timeline_kind=_optional(f, "timeline/kind"),
+                timeline_mb=_optional(f, "timeline/mb"),
+            )
+        except KeyError as exc:
+            raise LedgerError(f"{path} lacks a part of the ledger schema: {exc}") from exc
+
+
+def _read_attrs(f: h5py.File) -> dict[str, Any]:
+    json_names = set(json.loads(f.attrs["json_attrs"]))
+    attrs: dict[str, Any] = {}
+    for name, value in f.attrs.items():
+        if name in RESERVED_ATTRS:
+            continue
+        if name in json_names:
+            attrs[name] = json.loads(value)
+        elif isinstance(value, np.generic):
+            attrs[name] = value.item()
+        else:
+            attrs[name] = value
+    return attrs
+
+
+def _read_updates(group: h5py.Group) -> Updates:
+    fields = {n: group[n][()] for n in UPDATE_DTYPES if n != "k"}
+    return Updates(delays=group["delays"][()], **fields)
+
+
+def _read_blocks(group: h5py.Group) -> list[np.ndarray]:
+    return [group[_block_name(s)][()] for s in range(int(group.attrs["count"]))]
+
+
+def _optional(f: h5py.File, name: str) -> np.ndarray | None:
+    return f[name][()] if name in f else None
+
+
+def read_arrays(path: str | os.PathLike, names: Iterable[str],
+                optional: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """Top-level datasets of a user data file (`--data`): all of `names`, those of `optional`
+    that exist. A 0-d dataset (e.g. f_star) comes back as a 0-d array."""
+    out: dict[str, np.ndarray] = {}
+    with _open(path, "data file") as f:
+        for name in names:
+            if not isinstance(f.get(name), h5py.Dataset):
+                raise LedgerError(f"data file {path} has no top-level dataset {name!r} "
+                                  f"(it has: {', '.join(sorted(f.keys())) or 'nothing'})")
+            out[name] = np.asarray(f[name][()])
+        for name in optional:
+            if isinstance(f.get(name), h5py.Dataset):
+                out[name] = np.asarray(f[name][()])
+    return out
+
+
+# ----------------------------------------------------------------------------- part files
+
+
+def part_path(run_path: str | os.PathLike, rank: int) -> Path:
+    """Where rank `rank` writes its part of the run file `run_path`."""
+    run_path = Path(run_path)
+    return run_path.with_name(f"{run_path.name}.rank{rank:05d}.part")
+
+
+class _Appender:
+    """Buffered rows of one dtype, appended to a resizable dataset one block at a time."""
+
+    def __init__(self, f: h5py.File, name: str, dtype: np.dtype, buffer_rows: int) -> None:
+        self.dtype = dtype
+        self.dataset = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                        chunks=(_PART_CHUNK,))
+        self.buffer = np.empty(buffer_rows, dtype=dtype)   # copies: callers reuse their rows
+        self.pending_rows = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.atleast_1d(rows)
+        if rows.dtype != self.dtype or rows.ndim != 1:
+            raise LedgerError(f"{self.dataset.name}: expected 1-D rows of {self.dtype}, "
+                              f"got {rows.ndim}-D {rows.dtype}")
+        end = self.pending_rows + rows.shape[0]
+        if end < self.buffer.shape[0]:
+            self.buffer[self.pending_rows:end] = rows
+            self.pending_rows = end
+        else:                                   # >= buffer_rows pending: write them all
+            self._write(np.concatenate([self.buffer[:self.pending_rows], rows]))
+            self.pending_rows = 0
+
+    def flush(self) -> None:
+        if self.pending_rows:
+            self._write(self.buffer[:self.pending_rows])
+            self.pending_rows = 0
+
+    def _write(self, block: np.ndarray) -> None:
+        start = self.dataset.shape[0]
+        self.dataset.resize((start + block.shape[0],))
+        self.dataset[start:] = block
+
+
+class RankPart:
+    """One rank's part file, appended during a run; `close()` marks it complete.
+
+    Used as a context manager, an exception inside the block still flushes the buffered rows
+    but leaves the part marked incomplete (readable with `read_part(..., allow_incomplete=True)`).
+    """
+
+    def __init__(self, path: str | os.PathLike, rank: int, buffer_rows: int = 1024) -> None:
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise LedgerError(f"cannot write part {path}: directory {path.parent} does not exist")
+        if buffer_rows < 1:
+            raise LedgerError(f"buffer_rows must be >= 1, got {buffer_rows}")
+        self.path, self.rank = path, rank
+        self._file: h5py.File | None = h5py.File(path, "w")
+        self._file.attrs.update({"schema_version": SCHEMA_VERSION, "kind": "rank_part",
+                                 "rank": rank, "complete": False})
+        self._events = _Appender(self._file, "events", EVENT_DTYPE, buffer_rows)
+        self._updates = _Appender(self._file, "updates", PART_UPDATE_DTYPE, buffer_rows)
+
+    def append_events(self, rows: np.ndarray) -> None:
+        """Buffer event rows (EVENT_DTYPE); written once `buffer_rows` have accumulated."""
+        self._require_open()
+        self._events.append(rows)
+
+    def append_updates(self, rows: np.ndarray) -> None:
+        """Buffer update rows (PART_UPDATE_DTYPE); written once `buffer_rows` accumulated."""
+        self._require_open()
+        self._updates.append(rows)
+
+    def flush(self) -> None:
+        """Write all buffered rows and flush the file to disk."""
+        self._require_open()
+        self._events.flush()
+        self._updates.flush()
+        self._file.flush()
+
+    def close(self, complete: bool = True) -> None:
+        """Flush, mark the part complete (unless `complete=False`) and close. Idempotent."""
+        if self._file is None:
+            return
+        try:
+            self.flush()
+            self._file.attrs["complete"] = bool(complete)
+        finally:
+            self._file.close()
+            self._file = None
+
+    def _require_open(self) -> None:
+        if self._file is None:
+            raise LedgerError(f"part file {self.path} is closed")
+
+    def __enter__(self) -> RankPart:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close(complete=exc_type is None)
+
+
+def read_part(path: str | os.PathLike,
+              allow_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(events, updates) of a part file, in append order."""
+    with _open(path, "part file") as f:
+        _check_version(f, path)
+        if f.attrs.get("kind") != "rank_part":
+            raise LedgerError(f"{path} is not an rpd_mpi rank part file")
+        if not allow_incomplete and not bool(f.attrs["complete"]):
+            raise LedgerError(f"{path} is incomplete (the rank did not close its part)")
+        return f["events"][()], f["updates"][()]
+
+
+def part_attrs(path: str | os.PathLike) -> Mapping[str, Any]:
+    """The root attributes of a part file (rank, complete, schema_version, kind)."""
+    with _open(path, "part file") as f:
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}

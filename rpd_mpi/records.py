@@ -1,0 +1,83 @@
+"""What an engine hands to the ledger: one `RunRecord` per run, plain numpy arrays.
+
+The simulator and the MPI runtime both fill a `RunRecord`; only `rpd_mpi.ledger` turns it
+into HDF5 (and back). This module is pure: no h5py, no MPI.
+
+Op codes (shared by schedules, events and ledgers):
+    IDLE = 0, FWD = 1, BWD = 2, AVG = 3 (LocalSGD averaging, MPI events only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+IDLE, FWD, BWD, AVG = 0, 1, 2, 3
+OP_NAMES = {IDLE: "idle", FWD: "F", BWD: "B", AVG: "avg"}
+
+#: One row per executed op (MPI runs: measured; simulator: unit-time slots).
+EVENT_DTYPE = np.dtype([
+    ("rank", "i4"), ("group", "i4"), ("stage", "i4"), ("trajectory", "i4"),
+    ("op", "i1"), ("microbatch", "i8"), ("version", "i8"),
+    ("start", "f8"), ("end", "f8"), ("wait", "f8"),
+])
+
+#: One row per block update, in global order k.
+UPDATE_FIELDS = (
+    "k", "stage", "group", "trajectory", "microbatch", "batch", "version",
+    "local_staleness", "loss", "grad_norm", "time",
+)
+
+
+def empty_events(n: int = 0) -> np.ndarray:
+    """An events array of `n` zeroed rows."""
+    return np.zeros(n, dtype=EVENT_DTYPE)
+
+
+@dataclass
+class Updates:
+    """Block updates in global order (k = 0..K-1); `delays` is K x S (global delays)."""
+
+    stage: np.ndarray
+    group: np.ndarray
+    trajectory: np.ndarray
+    microbatch: np.ndarray
+    batch: np.ndarray
+    version: np.ndarray          # version of the block read by F (= version updated by B)
+    local_staleness: np.ndarray  # block versions between read and update
+    delays: np.ndarray           # K x S: k - j_k^(s')
+    loss: np.ndarray             # last-stage loss of that microbatch
+    grad_norm: np.ndarray        # norm of the block gradient applied
+    time: np.ndarray             # slot (unit-time) or seconds since start (MPI) of completion
+
+    def __len__(self) -> int:
+        return int(self.stage.shape[0])
+
+    @property
+    def k(self) -> np.ndarray:
+        return np.arange(len(self), dtype=np.int64)
+
+
+@dataclass
+class Objective:
+    """The full objective at the chosen cadence: (time, k, value)."""
+
+    time: np.ndarray
+    k: np.ndarray
+    value: np.ndarray
+
+
+@dataclass
+class RunRecord:
+    """Everything one run leaves behind; written by `ledger.write_run`."""
+
+    attrs: dict[str, Any]          # method, stages, groups, trajectories, ... (scalars/strings)
+    config: dict[str, Any]         # the full configuration, stored as JSON
+    updates: Updates
+    objective: Objective
+    final_blocks: list[np.ndarray]
+    events: np.ndarray = field(default_factory=empty_events)
+    timeline_kind: np.ndarray | None = None   # T x S unit-time schedule, if there is one
+    timeline_mb: np.ndarray | None = None

@@ -1,0 +1,146 @@
+"""Summaries of one run: `RunRecord` in, a dict of plain Python values out (pure: no h5py).
+
+`summarize` owns the meaning of every number `rpd-mpi report` prints; `format_summary`
+renders it as text. The keys of the dict are stable (the CLI's `--json` contract):
+
+    method, stages, groups, trajectories, engine, objective   run identity (from attrs)
+    updates              K, the number of block updates
+    slots                T of the unit-time timeline, or None when the run has none
+    wall_time            max event end - min event start (seconds in MPI runs), or None
+    final_objective      last objective value, or None
+    final_gap            final_objective - attrs["f_star"], or None when f_star is unknown
+    steady_max_delay     max of the delays (all stages) over the second half of the updates
+    steady_mean_delay    mean of the same entries
+    max_local_staleness  max local staleness over all updates
+    utilization          busy cells / (T*S) of the timeline; without a timeline,
+                         sum of event durations (end - start, IDLE rows excluded) /
+                         (ranks * wall_time), ranks = stages * groups
+    mean_loss_last10pct  mean last-stage loss of the last ceil(K/10) updates
+
+Values that cannot be computed (no updates, no events, ...) are None. Floats may be nan/inf
+for a diverged run; `json.dumps` writes them as NaN/Infinity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from rpd_mpi.records import IDLE, RunRecord
+
+SUMMARY_KEYS = (
+    "method", "stages", "groups", "trajectories", "engine", "objective", "updates", "slots",
+    "wall_time", "final_objective", "final_gap", "steady_max_delay", "steady_mean_delay",
+    "max_local_staleness", "utilization", "mean_loss_last10pct",
+)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-serialisable plain Python value (numpy scalars unwrapped)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _stages(record: RunRecord) -> int:
+    if record.attrs.get("stages") is not None:
+        return int(record.attrs["stages"])
+    if record.updates.delays.ndim == 2 and record.updates.delays.shape[1]:
+        return int(record.updates.delays.shape[1])
+    return len(record.final_blocks)
+
+
+def _wall_time(events: np.ndarray) -> float | None:
+    if events.shape[0] == 0:
+        return None
+    return float(events["end"].max() - events["start"].min())
+
+
+def _utilization(record: RunRecord, ranks: int, wall: float | None) -> float | None:
+    kind = record.timeline_kind
+    if kind is not None and kind.size:
+        return float(np.count_nonzero(kind != IDLE) / kind.size)
+    if wall is None or wall <= 0 or ranks <= 0:
+        return None
+    events = record.events[record.events["op"] != IDLE]
+    busy = float(np.sum(events["end"] - events["start"]))
+    return busy / (ranks * wall)
+
+
+def _delay_stats(record: RunRecord) -> tuple[int | None, float | None]:
+    delays = record.updates.delays
+    steady = delays[len(record.updates) // 2:]
+    if steady.size == 0:
+        return None, None
+    return int(steady.max()), float(steady.mean())
+
+
+def _final_values(record: RunRecord) -> tuple[float | None, float | None]:
+    values = record.objective.value
+    if values.shape[0] == 0:
+        return None, None
+    final = float(values[-1])
+    f_star = record.attrs.get("f_star")
+    gap = None if f_star is None else final - float(f_star)
+    return final, gap
+
+
+def _last_loss_mean(record: RunRecord) -> float | None:
+    n = len(record.updates)
+    if n == 0:
+        return None
+    tail = max(1, math.ceil(n / 10))
+    return float(np.mean(record.updates.loss[n - tail:]))
+
+
+def summarize(record: RunRecord) -> dict[str, Any]:
+    """The summary of one run, keys as in SUMMARY_KEYS, plain Python values only."""
+    attrs = record.attrs
+    stages, groups = _stages(record), int(attrs.get("groups") or 1)
+    wall = _wall_time(record.events)
+    steady_max, steady_mean = _delay_stats(record)
+    final, gap = _final_values(record)
+    staleness = record.updates.local_staleness
+    out = {
+        "method": attrs.get("method"), "stages": stages, "groups": groups,
+        "trajectories": int(attrs.get("trajectories") or 1),
+        "engine": attrs.get("engine"), "objective": attrs.get("objective"),
+        "updates": len(record.updates),
+        "slots": None if record.timeline_kind is None else int(record.timeline_kind.shape[0]),
+        "wall_time": wall, "final_objective": final, "final_gap": gap,
+        "steady_max_delay": steady_max, "steady_mean_delay": steady_mean,
+        "max_local_staleness": int(staleness.max()) if staleness.size else None,
+        "utilization": _utilization(record, stages * groups, wall),
+        "mean_loss_last10pct": _last_loss_mean(record),
+    }
+    return {key: _plain(out[key]) for key in SUMMARY_KEYS}
+
+
+_LABELS = {
+    "method": "method", "stages": "stages S", "groups": "groups G",
+    "trajectories": "trajectories R", "engine": "engine", "objective": "objective",
+    "updates": "block updates K", "slots": "timeline slots T", "wall_time": "wall time",
+    "final_objective": "final objective", "final_gap": "final gap f - f*",
+    "steady_max_delay": "steady max delay", "steady_mean_delay": "steady mean delay",
+    "max_local_staleness": "max local staleness", "utilization": "utilization",
+    "mean_loss_last10pct": "mean loss (last 10%)",
+}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable text, one `label: value` line per key; unknown keys are appended."""
+    keys = [k for k in SUMMARY_KEYS if k in summary]
+    keys += [k for k in summary if k not in SUMMARY_KEYS]
+    labels = {k: _LABELS.get(k, k) for k in keys}
+    width = max((len(label) for label in labels.values()), default=0)
+    return "\n".join(f"{labels[k]:<{width}}  {_fmt(summary[k])}" for k in keys)

@@ -1,0 +1,150 @@
+"""From a validated `RunConfig` to a `RunRecord`: data, model, timeline, engine, attributes.
+
+This is the wiring layer between the pure modules (schedule, sim, rpd, objectives) and the
+ledger: it may read data files (through `ledger.read_arrays` for .h5) and ledgers (for
+replayed delays); it never writes. The CLI writes the record.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import numpy as np
+
+from rpd_mpi import __version__
+from rpd_mpi.config import ConfigError, RunConfig
+from rpd_mpi.delays import update_order
+from rpd_mpi.objectives import build_model
+from rpd_mpi.records import RunRecord
+from rpd_mpi.rpd import rpd_plan, simulate_rpd
+from rpd_mpi.schedule import Timeline, timeline_for
+from rpd_mpi.sim import Trace, simulate
+
+
+def load_data(path: str) -> dict[str, np.ndarray]:
+    """X, y (and optional w_true, f_star) from an .npz or .h5 file; ConfigError('--data')."""
+    if not os.path.isfile(path):
+        raise ConfigError("--data", f"no such file: {path}")
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    elif path.endswith((".h5", ".hdf5")):
+        from rpd_mpi.ledger import LedgerError, read_arrays
+        try:
+            arrays = read_arrays(path, [], optional=["X", "y", "w_true", "f_star"])
+        except LedgerError as err:
+            raise ConfigError("--data", str(err)) from None
+    else:
+        raise ConfigError("--data", f"must be an .npz or .h5 file holding X and y (got {path})")
+    for name in ("X", "y"):
+        if name not in arrays:
+            raise ConfigError("--data", f"{path} has no array {name!r}; it needs X (n x d) "
+                                        f"and y (n), optionally w_true (d) and f_star")
+    return {k: arrays[k] for k in ("X", "y", "w_true", "f_star") if k in arrays}
+
+
+def build(cfg: RunConfig) -> Any:
+    """The model of a configuration (data file read and checked here)."""
+    obj, S = cfg.objective, cfg.schedule.stages
+    if obj.name == "charlm":
+        raise ConfigError("--objective", "charlm is not available yet; allowed now: "
+                                         "quadratic, tridiag, logistic")
+    data = load_data(obj.data) if obj.data else None
+    if data is not None:
+        n, d = np.shape(data["X"]) if np.ndim(data["X"]) == 2 else (0, 0)
+        if n % obj.batch_size:
+            raise ConfigError("--batch-size", f"must divide the {n} examples of {obj.data} "
+                                              f"(got {obj.batch_size})")
+        if S > d:
+            raise ConfigError("--stages", f"must be <= the {d} columns of {obj.data}")
+    try:
+        return build_model(obj.name, S, dim=obj.dim, examples=obj.examples,
+                           batch_size=obj.batch_size, seed=cfg.seed, noise=obj.noise,
+                           mu=obj.mu, lam=obj.lam, data=data)
+    except ValueError as err:
+        raise ConfigError("--data" if data else "--objective", str(err)) from None
+
+
+def schedule_of(cfg: RunConfig) -> Timeline:
+    """The unit-time timeline of a pipeline method (PD for RPD: its clock and delays)."""
+    sch = cfg.schedule
+    method = "pd" if sch.method == "rpd" else sch.method
+    return timeline_for(method, sch.stages, sch.microbatches, noam=sch.noam,
+                        trajectories=sch.trajectories, local_steps=sch.local_steps,
+                        flush=sch.flush, budget=sch.budget_slots)
+
+
+def simulate_run(cfg: RunConfig, model: Any | None = None) -> RunRecord:
+    """Run the simulator for `cfg` and return the complete record."""
+    model = model if model is not None else build(cfg)
+    tl = schedule_of(cfg)
+    if cfg.schedule.method == "rpd":
+        trace, delta = _rpd(cfg, model, tl)
+    else:
+        trace = simulate(tl, model, cfg.lr, groups=cfg.schedule.groups,
+                         eval_every=cfg.eval_every)
+        delta = int(trace.updates.delays.max()) if len(trace.updates) else 0
+    return to_record(cfg, model, trace, tl, engine="sim", delta=delta)
+
+
+def _rpd(cfg: RunConfig, model: Any, tl: Timeline) -> tuple[Trace, int]:
+    order = update_order(tl)
+    K = cfg.rpd.updates or order.slot.size
+    replay = None
+    if cfg.rpd.delay_source == "pd":
+        replay = order.delays if K <= order.slot.size else _pd_delays(cfg, K)
+    elif cfg.rpd.delay_source == "ledger":
+        replay = replayed_delays(cfg.rpd.delays_from, cfg.schedule.stages, K)
+    delta = int(replay[:K].max()) if replay is not None else cfg.delta
+    plan = rpd_plan(K, cfg.schedule.stages, model.num_batches, delta,
+                    cfg.rpd.delay_source, cfg.seed, replay)
+    clock = (order.slot + 1) if K <= order.slot.size else None
+    return simulate_rpd(model, cfg.lr, plan, delta=delta, clock=clock,
+                        eval_every=cfg.eval_every), delta
+
+
+def _pd_delays(cfg: RunConfig, updates: int) -> np.ndarray:
+    S = cfg.schedule.stages
+    n = -(-updates // S)
+    return update_order(timeline_for("pd", S, n, noam=cfg.schedule.noam)).delays
+
+
+def replayed_delays(path: str, stages: int, updates: int) -> np.ndarray:
+    """The measured delays of a recorded run, for --delay-source ledger."""
+    from rpd_mpi.ledger import LedgerError, read_run
+    try:
+        delays = read_run(path).updates.delays
+    except LedgerError as err:
+        raise ConfigError("--delays-from", str(err)) from None
+    if delays.ndim != 2 or delays.shape[1] != stages or delays.shape[0] < updates:
+        raise ConfigError("--delays-from", f"{path} holds {delays.shape[0]} x "
+                                           f"{delays.shape[1] if delays.ndim == 2 else '?'} "
+                                           f"delays; this run needs {updates} x {stages}")
+    return delays
+
+
+def to_record(cfg: RunConfig, model: Any, trace: Trace, tl: Timeline | None, *,
+              engine: str, delta: int, extra: dict[str, Any] | None = None) -> RunRecord:
+    """Wrap an engine's trace with the attributes every ledger carries (DESIGN 5)."""
+    sch = cfg.schedule
+    attrs = {
+        "method": sch.method, "stages": sch.stages, "groups": sch.groups,
+        "trajectories": sch.trajectories, "local_steps": sch.local_steps,
+        "microbatches": tl.microbatches if tl is not None else sch.microbatches,
+        "slots": tl.slots if tl is not None and sch.method != "rpd" else None,
+        "delta": delta, "seed": cfg.seed, "lr": cfg.lr, "objective": cfg.objective.name,
+        "dim": model.dim, "examples": model.examples, "f_star": model.f_star,
+        "L": model.L, "engine": engine, "order": "unit-time" if engine == "sim" else
+        cfg.runtime.order, "package_version": __version__, "mpi_library": "",
+        "hosts": [socket.gethostname()], "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+    }
+    attrs.update(extra or {})
+    attrs.pop("package_version")          # the ledger stamps its own
+    blocks = [trace.final_weights[sl].copy() for sl in model.slices]
+    keep_tl = tl is not None and sch.method != "rpd"
+    return RunRecord(attrs=attrs, config=cfg.to_dict(), updates=trace.updates,
+                     objective=trace.objective, final_blocks=blocks, events=trace.events,
+                     timeline_kind=tl.kind if keep_tl else None,
+                     timeline_mb=tl.mb if keep_tl else None)

@@ -95,11 +95,20 @@ def _last_loss_mean(record: RunRecord) -> float | None:
     return float(np.mean(record.updates.loss[n - tail:]))
 
 
+def _slots(record: RunRecord) -> int | None:
+    """Unit-time length: the timeline's, or (RPD) the clock of its last update."""
+    if record.timeline_kind is not None:
+        return int(record.timeline_kind.shape[0])
+    if record.attrs.get("engine") == "sim" and len(record.updates):
+        return int(record.updates.time[-1])
+    return None
+
+
 def summarize(record: RunRecord) -> dict[str, Any]:
     """The summary of one run, keys as in SUMMARY_KEYS, plain Python values only."""
     attrs = record.attrs
     stages, groups = _stages(record), int(attrs.get("groups") or 1)
-    wall = _wall_time(record.events)
+    wall = _wall_time(record.events) if attrs.get("engine") != "sim" else None
     steady_max, steady_mean = _delay_stats(record)
     final, gap = _final_values(record)
     staleness = record.updates.local_staleness
@@ -108,7 +117,7 @@ def summarize(record: RunRecord) -> dict[str, Any]:
         "trajectories": int(attrs.get("trajectories") or 1),
         "engine": attrs.get("engine"), "objective": attrs.get("objective"),
         "updates": len(record.updates),
-        "slots": None if record.timeline_kind is None else int(record.timeline_kind.shape[0]),
+        "slots": _slots(record),
         "wall_time": wall, "final_objective": final, "final_gap": gap,
         "steady_max_delay": steady_max, "steady_mean_delay": steady_mean,
         "max_local_staleness": int(staleness.max()) if staleness.size else None,

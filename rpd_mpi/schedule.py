@@ -209,11 +209,12 @@ def generate(method: str, stages: int, microbatches: int, *, noam: int = 0,
             st.finish(op, mb, s, t)
         if isinstance(rules, LocalSGDRules) and row_k[0] == BWD and rules.round_end(row_m[0]):
             averages.append(t)
+        if not any(row_k):   # nothing ran, so nothing ever will: readiness is unchanged
+            raise ScheduleError(f"{method} schedule deadlocks at slot {t}: no stage can run; "
+                                f"backwards done per stage {st.nb}")
         kinds.append(row_k)
         mbs.append(row_m)
         t += 1
-        if t > 4 * (microbatches + stages) * max(1, local_steps) + 16:
-            raise ScheduleError(f"{method} schedule made no progress by slot {t} (deadlock)")
     return Timeline(np.array(kinds, dtype=np.int8).reshape(-1, stages),
                     np.array(mbs, dtype=np.int64).reshape(-1, stages), method, microbatches,
                     trajectories if method == "localsgd" else 1,

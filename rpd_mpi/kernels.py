@@ -12,9 +12,12 @@ import numpy as np
 
 
 @numba.njit(cache=True, fastmath=False)
-def shift_prediction(cols: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray) -> None:
-    """p += scale * cols @ delta, for a contiguous n x m column block `cols` (m small)."""
+def shift_prediction(cols: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray,
+                     w: np.ndarray) -> None:
+    """w += scale * delta and p += scale * cols @ delta (cols: contiguous n x m block)."""
     n, m = cols.shape
+    for j in range(m):
+        w[j] += scale * delta[j]
     for i in range(n):
         acc = 0.0
         for j in range(m):
@@ -22,7 +25,8 @@ def shift_prediction(cols: np.ndarray, delta: np.ndarray, scale: float, p: np.nd
         p[i] += scale * acc
 
 
-def shift_prediction_ref(cols: np.ndarray, delta: np.ndarray, scale: float,
-                         p: np.ndarray) -> None:
+def shift_prediction_ref(cols: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray,
+                         w: np.ndarray) -> None:
     """numpy reference of `shift_prediction`."""
+    w += scale * delta
     p += scale * (cols @ delta)

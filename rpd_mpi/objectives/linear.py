@@ -219,12 +219,12 @@ class ObjectiveTracker:
     def __init__(self, model: BlockLinearModel, w: np.ndarray, resync: int = 4096) -> None:
         self.model, self.w = model, np.array(w, dtype=float)
         self.p = model.X @ self.w
+        self.blocks = [self.w[sl] for sl in model.slices]
         self.resync, self.shifts = resync, 0
 
     def shift(self, s: int, delta: np.ndarray, scale: float = 1.0) -> None:
         """w[slice_s] += scale * delta."""
-        self.w[self.model.slices[s]] += scale * delta
-        shift_prediction(self.model._cols[s], delta, scale, self.p)
+        shift_prediction(self.model._cols[s], delta, scale, self.p, self.blocks[s])
         self.shifts += 1
         if self.shifts % self.resync == 0:
             np.matmul(self.model.X, self.w, out=self.p)

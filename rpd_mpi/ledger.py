@@ -32,6 +32,8 @@ Part file (one per rank, appended during an MPI run, assembled by rank 0 at the 
     /                       attrs: schema_version, kind = "rank_part", rank, complete
     /events                 resizable, chunked, EVENT_DTYPE
     /updates                resizable, chunked, PART_UPDATE_DTYPE
+    /snapshots              optional, resizable: (time, version, copy, block[d_s]) rows, the
+                            rank's block after its updates, to rebuild the objective over time
 
 Rows are buffered in memory (default 1024) and appended in blocks: one resize per block,
 never one per row (HPC-NOTES: per-row resizing is ~250x slower).
@@ -355,7 +357,8 @@ class RankPart:
     but leaves the part marked incomplete (readable with `read_part(..., allow_incomplete=True)`).
     """
 
-    def __init__(self, path: str | os.PathLike, rank: int, buffer_rows: int = 1024) -> None:
+    def __init__(self, path: str | os.PathLike, rank: int, buffer_rows: int = 1024,
+                 snapshot_dtype: np.dtype | None = None) -> None:
         path = Path(path)
         if not path.parent.is_dir():
             raise LedgerError(f"cannot write part {path}: directory {path.parent} does not exist")
@@ -367,6 +370,9 @@ class RankPart:
                                  "rank": rank, "complete": False})
         self._events = _Appender(self._file, "events", EVENT_DTYPE, buffer_rows)
         self._updates = _Appender(self._file, "updates", PART_UPDATE_DTYPE, buffer_rows)
+        self._snapshots = (_Appender(self._file, "snapshots", snapshot_dtype,
+                                     max(1, min(buffer_rows, 2 ** 22 // snapshot_dtype.itemsize)))
+                           if snapshot_dtype is not None else None)
 
     def append_events(self, rows: np.ndarray) -> None:
         """Buffer event rows (EVENT_DTYPE); written once `buffer_rows` have accumulated."""
@@ -378,11 +384,20 @@ class RankPart:
         self._require_open()
         self._updates.append(rows)
 
+    def append_snapshots(self, rows: np.ndarray) -> None:
+        """Buffer block snapshots (rows of the `snapshot_dtype` given at creation)."""
+        self._require_open()
+        if self._snapshots is None:
+            raise LedgerError(f"part file {self.path} was created without snapshots")
+        self._snapshots.append(rows)
+
     def flush(self) -> None:
         """Write all buffered rows and flush the file to disk."""
         self._require_open()
         self._events.flush()
         self._updates.flush()
+        if self._snapshots is not None:
+            self._snapshots.flush()
         self._file.flush()
 
     def close(self, complete: bool = True) -> None:
@@ -418,6 +433,12 @@ def read_part(path: str | os.PathLike,
         if not allow_incomplete and not bool(f.attrs["complete"]):
             raise LedgerError(f"{path} is incomplete (the rank did not close its part)")
         return f["events"][()], f["updates"][()]
+
+
+def read_part_snapshots(path: str | os.PathLike) -> np.ndarray | None:
+    """The block snapshots of a part file (None when it has none)."""
+    with _open(path, "part file") as f:
+        return f["snapshots"][()] if "snapshots" in f else None
 
 
 def part_attrs(path: str | os.PathLike) -> Mapping[str, Any]:

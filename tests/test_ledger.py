@@ -296,6 +296,7 @@ def test_summarize_utilization_from_events() -> None:
     record = hand_record()
     record.timeline_kind = record.timeline_mb = None
     record.attrs["f_star"] = None
+    record.attrs["engine"] = "mpi"                # measured events: seconds, not slots
     events = np.zeros(3, EVENT_DTYPE)
     events["op"] = [FWD, BWD, IDLE]
     events["start"] = [0.0, 1.0, 0.0]

@@ -146,6 +146,10 @@ class BlockLinearModel:
         data = (float(sp.sum()) - float(self.y @ p)) * inv_n
         return data + 0.5 * self.lam * float(w @ w)
 
+    def activation_shape(self, s: int) -> tuple[int, ...]:
+        """Shape of the activation stage s sends on (and of the gradient it receives back)."""
+        return (self.batch_size,)
+
     def objective_tracker(self, w: np.ndarray) -> "ObjectiveTracker":
         """An incremental evaluator of `full_objective` along a moving w (see below)."""
         return ObjectiveTracker(self, w)

@@ -1,0 +1,243 @@
+"""The communication layer: the only module that imports mpi4py.
+
+Owns communicators (Dup of COMM_WORLD once; Split into a pipeline communicator per group and
+a stage communicator per stage), the wait strategy (`Waiter`: spin or polite), and the
+point-to-point `Link`s that move activations and gradients through preallocated buffers with
+nonblocking, buffer-protocol calls posted ahead of use. Every message carries its microbatch
+id in a header element; a mismatch raises instead of silently corrupting a run.
+
+Importing this module initialises MPI (that is what importing mpi4py.MPI does); nothing else
+in the package imports it except the runtime, which the CLI loads only for `train`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+class CommError(RuntimeError):
+    """A message broke the protocol (wrong microbatch, wrong size)."""
+
+
+class RecvTimeout(CommError):
+    """A wait exceeded the configured timeout; the message says who waited for what."""
+
+
+def wtime() -> float:
+    return MPI.Wtime()
+
+
+class Comm:
+    """World, pipeline and stage communicators of one rank: rank r is stage r % S of group
+    r // S. Created once; pass it explicitly."""
+
+    def __init__(self, stages: int) -> None:
+        self.world = MPI.COMM_WORLD.Dup()
+        self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
+        self.stages = stages
+        self.group, self.stage = divmod(self.rank, stages)
+        self.pipe: MPI.Intracomm | None = None
+        self.act_comm: MPI.Intracomm | None = None
+        self.grad_comm: MPI.Intracomm | None = None
+        self.stage_comm: MPI.Intracomm | None = None
+
+    def split(self) -> None:
+        """Pipeline communicators per group (rank = stage; one for activations, one for
+        gradients, so the directions never share a matching queue) and a stage
+        communicator per stage (rank = group)."""
+        self.pipe = self.world.Split(self.group, self.stage)
+        self.act_comm, self.grad_comm = self.pipe.Dup(), self.pipe.Dup()
+        self.stage_comm = self.world.Split(self.stage, self.group)
+
+    def first_failure(self, failed: bool) -> int:
+        """Agree on validation: the lowest rank that failed, or -1 if none did."""
+        mine = self.rank if failed else self.size
+        lowest = self.world.allreduce(mine, op=MPI.MIN)
+        return -1 if lowest == self.size else lowest
+
+    def barrier(self) -> None:
+        self.world.Barrier()
+
+    def gather(self, obj: object) -> list | None:
+        """Small end-of-run metadata to rank 0 (pickle is fine off the hot path)."""
+        return self.world.gather(obj, root=0)
+
+    def allreduce_mean(self, buf: np.ndarray, count: int) -> None:
+        """In place: buf <- (sum over the stage communicator of buf) / count."""
+        self.stage_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        buf /= count
+
+    def abort(self, code: int = 1) -> None:
+        self.world.Abort(code)
+
+    def free(self) -> None:
+        for c in (self.act_comm, self.grad_comm, self.pipe, self.stage_comm, self.world):
+            if c is not None and c != MPI.COMM_NULL:
+                c.Free()
+        self.act_comm = self.grad_comm = self.pipe = self.stage_comm = None
+
+
+def library_version() -> str:
+    return MPI.Get_library_version().strip().splitlines()[0]
+
+
+def processor_name() -> str:
+    return MPI.Get_processor_name()
+
+
+def node_size() -> int:
+    """Ranks sharing this node."""
+    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local.Get_size()
+    finally:
+        local.Free()
+
+
+def auto_strategy(requested: str) -> str:
+    """'spin' when every rank on this node has a core of its own, else 'polite'."""
+    if requested != "auto":
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return "spin" if node_size() <= (cores or 1) else "polite"
+
+
+class Waiter:
+    """Waits on requests with a strategy and a timeout.
+
+    `spin`: test in a tight loop (dedicated cores). `polite`: test, then sleep with a backoff
+    from 20 us to 2 ms, so that oversubscribed ranks leave the core to the ones computing.
+    """
+
+    def __init__(self, strategy: str, timeout: float) -> None:
+        if strategy not in ("spin", "polite"):
+            raise ValueError(f"wait strategy must be spin or polite (got {strategy!r})")
+        self.polite, self.timeout = strategy == "polite", timeout
+        self.blocked = 0.0            # total seconds spent waiting
+
+    def wait(self, reqs: Sequence[MPI.Request], what: Callable[[], str]) -> int:
+        """Block until one of `reqs` completes; return its index. RecvTimeout past timeout."""
+        return self.until([r.Test for r in reqs], what)
+
+    def until(self, probes: Sequence[Callable[[], bool]], what: Callable[[], str]) -> int:
+        """Block until one probe returns True; return its index. RecvTimeout past timeout."""
+        t0 = MPI.Wtime()
+        sleep, spins = 2e-5, 0
+        while True:
+            for i, probe in enumerate(probes):
+                if probe():
+                    self.blocked += MPI.Wtime() - t0
+                    return i
+            spins += 1
+            if self.polite:
+                time.sleep(sleep)
+                sleep = min(sleep * 2, 2e-3)
+            if (self.polite or spins % 4096 == 0) and MPI.Wtime() - t0 > self.timeout:
+                raise RecvTimeout(f"waited {self.timeout:g} s for {what()}")
+
+
+TAG_MOD = 32768   # MPI guarantees tags up to at least 32767
+
+
+class RecvLink:
+    """Messages from one peer on a communicator of their own, in microbatch order, `depth`
+    receives posted ahead into preallocated buffers. The tag of each message is its
+    microbatch id mod TAG_MOD and is checked on arrival, as is its size.
+
+    `ready()` tests the next message; `take(mb)` waits for it and returns its buffer (valid
+    until `release()`, which reposts the buffer for a later message).
+    """
+
+    def __init__(self, comm: MPI.Intracomm, peer: int, shape: tuple[int, ...], count: int,
+                 waiter: Waiter, name: str, depth: int = 2, dtype: type = np.float64) -> None:
+        self.comm, self.peer, self.count = comm, peer, count
+        self.waiter, self.name = waiter, name
+        self.bufs = [np.empty(shape, dtype=dtype) for _ in range(depth)]
+        self.reqs: list[MPI.Request | None] = [None] * depth
+        self.statuses = [MPI.Status() for _ in range(depth)]
+        self.arrived = [False] * depth
+        self.next = 0                 # index of the next message to take
+        self.posted = 0
+        for _ in range(min(depth, count)):
+            self._post()
+
+    def _post(self) -> None:
+        i = self.posted % len(self.bufs)
+        self.reqs[i] = self.comm.Irecv(self.bufs[i], source=self.peer, tag=MPI.ANY_TAG)
+        self.posted += 1
+
+    def ready(self) -> bool:
+        """True when the next message has arrived."""
+        i = self.next % len(self.bufs)
+        if not self.arrived[i] and self.reqs[i] is not None:
+            self.arrived[i] = self.reqs[i].Test(self.statuses[i])
+        return self.arrived[i]
+
+    def take(self, mb: int) -> np.ndarray:
+        """The next message, which must belong to microbatch `mb`."""
+        i = self.next % len(self.bufs)
+        if self.reqs[i] is None and not self.arrived[i]:
+            raise CommError(f"{self.name}: no receive posted for microbatch {mb}")
+        if not self.ready():
+            self.waiter.until([self.ready], lambda: f"{self.name} of microbatch {mb} "
+                                                    f"from rank {self.peer}")
+        self.reqs[i], self.arrived[i] = None, False
+        buf, status = self.bufs[i], self.statuses[i]
+        if status.Get_tag() != mb % TAG_MOD:
+            raise CommError(f"{self.name}: expected microbatch {mb} from rank {self.peer}, "
+                            f"got a message tagged {status.Get_tag()}")
+        if status.Get_count(MPI.BYTE) != buf.nbytes:
+            raise CommError(f"{self.name}: message of {status.Get_count(MPI.BYTE)} bytes, "
+                            f"expected {buf.nbytes}")
+        return buf
+
+    def release(self) -> None:
+        """Done with the buffer of `take`: post it for a later message."""
+        self.next += 1
+        if self.posted < self.count:
+            self._post()
+
+
+class SendLink:
+    """Messages to one peer through a ring of `depth` preallocated buffers.
+
+    `buffer()` hands out the next ring buffer (once its previous send completed) so that a
+    producer can write into it; `send(mb, payload)` sends it, copying only when `payload` is
+    not that buffer.
+    """
+
+    def __init__(self, comm: MPI.Intracomm, peer: int, shape: tuple[int, ...], waiter: Waiter,
+                 name: str, depth: int = 2, dtype: type = np.float64) -> None:
+        self.comm, self.peer, self.waiter, self.name = comm, peer, waiter, name
+        self.bufs = [np.empty(shape, dtype=dtype) for _ in range(depth)]
+        self.reqs: list[MPI.Request | None] = [None] * depth
+        self.sent = 0
+
+    def buffer(self) -> np.ndarray:
+        i = self.sent % len(self.bufs)
+        if self.reqs[i] is not None:
+            self.waiter.wait([self.reqs[i]], lambda: f"{self.name} buffer to rank {self.peer}")
+            self.reqs[i] = None
+        return self.bufs[i]
+
+    def send(self, mb: int, payload: np.ndarray) -> None:
+        buf = self.buffer()
+        if payload is not buf:
+            if payload.size != buf.size:
+                raise CommError(f"{self.name}: payload of {payload.size} values, the link "
+                                f"carries {buf.size}")
+            buf.reshape(-1)[:] = payload.reshape(-1)
+        self.reqs[self.sent % len(self.bufs)] = self.comm.Isend(buf, dest=self.peer,
+                                                                tag=mb % TAG_MOD)
+        self.sent += 1
+
+    def drain(self) -> None:
+        """Complete every outstanding send."""
+        for i, r in enumerate(self.reqs):
+            if r is not None:
+                self.waiter.wait([r], lambda: f"{self.name} delivery to rank {self.peer}")
+                self.reqs[i] = None

@@ -100,15 +100,40 @@ def cmd_delays(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from rpd_mpi.ledger import LedgerError, read_run
-    try:
-        record = read_run(args.ledger)
-    except LedgerError as err:
-        raise ConfigError("ledger", str(err)) from None
-    _print_summary(record, args.json)
+    from rpd_mpi.report import compare_table, summarize
+    records = []
+    for path in args.ledgers:
+        try:
+            records.append(read_run(path))
+        except LedgerError as err:
+            raise ConfigError("ledger", str(err)) from None
+    if len(records) == 1:
+        _print_summary(records[0], args.json)
+        return 0
+    summaries = [dict(summarize(r), ledger=p) for r, p in zip(records, args.ledgers)]
+    if args.json:
+        print(json.dumps({"runs": summaries}))
+    else:
+        print(compare_table(summaries))
     return 0
+
+
+def cmd_external(args: argparse.Namespace) -> int:
+    """`experiment NAME ...` and `tool NAME ...`: modules of the tools/ package."""
+    import importlib
+    if args.command == "experiment":
+        module, argv = "tools.experiments", [args.name, *args.rest]
+    else:
+        module, argv = f"tools.{args.name}", list(args.rest)
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise ConfigError(args.command, f"no module {module} ({err})") from None
+    return int(mod.main(argv) or 0)
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulate": cmd_simulate, "train": cmd_train, "schedule": cmd_schedule,
-    "delays": cmd_delays, "report": cmd_report,
+    "delays": cmd_delays, "report": cmd_report, "experiment": cmd_external,
+    "tool": cmd_external,
 }

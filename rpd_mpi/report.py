@@ -153,3 +153,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     labels = {k: _LABELS.get(k, k) for k in keys}
     width = max((len(label) for label in labels.values()), default=0)
     return "\n".join(f"{labels[k]:<{width}}  {_fmt(summary[k])}" for k in keys)
+
+
+_COMPARE = (("ledger", "ledger"), ("method", "method"), ("stages", "S"), ("updates", "K"),
+            ("slots", "slots"), ("wall_time", "wall s"), ("final_objective", "final f"),
+            ("final_gap", "f - f*"), ("steady_mean_delay", "mean delay"),
+            ("steady_max_delay", "max delay"), ("utilization", "util"))
+
+
+def compare_table(summaries: list[dict[str, Any]]) -> str:
+    """One row per run: the columns of `_COMPARE`, aligned, '-' for missing values."""
+    rows = [[label for _, label in _COMPARE]]
+    rows += [[_fmt(s.get(key)) for key, _ in _COMPARE] for s in summaries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COMPARE))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

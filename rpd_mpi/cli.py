@@ -48,6 +48,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--wait": ("runtime", "wait", str, "auto, spin or polite"),
     "--timeout": ("runtime", "timeout", float, "seconds a receive may wait"),
     "--op-cost": ("runtime", "op_cost", float, "seconds each F/B is held (emulation)"),
+    "--fault": ("runtime", "fault", str, "testing aid: raise:RANK:OP or stall:RANK:OP"),
 }
 
 

@@ -35,20 +35,21 @@ class Comm:
     """World, pipeline and stage communicators of one rank: rank r is stage r % S of group
     r // S. Created once; pass it explicitly."""
 
-    def __init__(self, stages: int) -> None:
+    def __init__(self) -> None:
         self.world = MPI.COMM_WORLD.Dup()
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
-        self.stages = stages
-        self.group, self.stage = divmod(self.rank, stages)
+        self.stages, self.group, self.stage = 1, self.rank, 0
         self.pipe: MPI.Intracomm | None = None
         self.act_comm: MPI.Intracomm | None = None
         self.grad_comm: MPI.Intracomm | None = None
         self.stage_comm: MPI.Intracomm | None = None
 
-    def split(self) -> None:
+    def split(self, stages: int) -> None:
         """Pipeline communicators per group (rank = stage; one for activations, one for
         gradients, so the directions never share a matching queue) and a stage
         communicator per stage (rank = group)."""
+        self.stages = stages
+        self.group, self.stage = divmod(self.rank, stages)
         self.pipe = self.world.Split(self.group, self.stage)
         self.act_comm, self.grad_comm = self.pipe.Dup(), self.pipe.Dup()
         self.stage_comm = self.world.Split(self.stage, self.group)
@@ -58,6 +59,31 @@ class Comm:
         mine = self.rank if failed else self.size
         lowest = self.world.allreduce(mine, op=MPI.MIN)
         return -1 if lowest == self.size else lowest
+
+    def clock_offset(self, rounds: int = 8) -> float:
+        """Seconds to add to this rank's MPI.Wtime() to read rank 0's clock (Cristian's
+        method over `rounds` ping-pongs, keeping the one with the shortest round trip)."""
+        best, offset = float("inf"), 0.0
+        t = np.zeros(1)
+        for r in range(1, self.size):
+            for _ in range(rounds):
+                if self.rank == r:
+                    t1 = MPI.Wtime()
+                    self.world.Send(t, dest=0, tag=7)
+                    self.world.Recv(t, source=0, tag=7)
+                    t2 = MPI.Wtime()
+                    if t2 - t1 < best:
+                        best, offset = t2 - t1, float(t[0]) - (t1 + t2) / 2
+                elif self.rank == 0:
+                    self.world.Recv(t, source=r, tag=7)
+                    t[0] = MPI.Wtime()
+                    self.world.Send(t, dest=r, tag=7)
+        return offset
+
+    def start_time(self) -> float:
+        """A common t = 0 after a barrier, on rank 0's clock."""
+        self.world.Barrier()
+        return float(self.world.bcast(MPI.Wtime(), root=0))
 
     def barrier(self) -> None:
         self.world.Barrier()

@@ -52,7 +52,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    raise ConfigError("train", "the MPI runtime is not part of this build yet; use simulate")
+    from rpd_mpi.cli import FLAGS, TRAIN_FLAGS, config_from
+    from rpd_mpi.train import train
+    return train(lambda: config_from(args, {**FLAGS, **TRAIN_FLAGS}), args.json)
 
 
 def _schedule_config(args: argparse.Namespace, default_n: Callable[[int], int]) -> ScheduleConfig:

@@ -9,6 +9,7 @@ back (and reads TOML config files, whose keys are the section/field names below)
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ DELAY_SOURCES = ("uniform", "max", "zero", "pd", "ledger")
 ORDERS = ("static", "dynamic")
 DEVICES = ("cpu", "cuda")
 WAITS = ("auto", "spin", "polite")
+_FAULT = re.compile(r"(raise|stall):\d+:\d+")
 
 
 class ConfigError(ValueError):
@@ -130,6 +132,7 @@ class RuntimeConfig:
     wait: str = "auto"
     timeout: float = 60.0         # seconds a receive may wait before the job aborts
     op_cost: float = 0.0          # seconds each F/B is held (emulated compute), 0 = none
+    fault: str = ""               # testing aid: "raise:RANK:OP" or "stall:RANK:OP"
 
     def __post_init__(self) -> None:
         _choice("--order", self.order, ORDERS)
@@ -138,6 +141,9 @@ class RuntimeConfig:
         _positive("--timeout", self.timeout)
         if not isinstance(self.op_cost, (int, float)) or self.op_cost < 0:
             raise ConfigError("--op-cost", f"must be a number >= 0 (got {self.op_cost!r})")
+        if self.fault and not _FAULT.fullmatch(self.fault):
+            raise ConfigError("--fault", f"must be raise:RANK:OP or stall:RANK:OP "
+                                         f"(got {self.fault!r})")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 from rpd_mpi.delays import update_order
 from rpd_mpi.records import BWD, FWD, Objective, Updates, empty_events
 from rpd_mpi.schedule import Timeline
+from rpd_mpi.stepping import FlushBuffer
 
 
 @dataclass
@@ -48,7 +49,7 @@ class _Engine:
         self.grads: dict[tuple[int, int, int], Any] = {}   # (g, mb, s) -> input grad of B(mb, s)
         self.stash: dict[tuple[int, int, int], tuple] = {}
         self.losses: dict[tuple[int, int], tuple[float, Any]] = {}
-        self.acc: dict[tuple[int, int], list] = {}
+        self.flush = FlushBuffer(tl.flush, tl.microbatches)
         self.handlers: dict[int, Callable[[int, int, int, int], None]] = {
             FWD: self._forward, BWD: self._backward}
         self.rows: list[tuple] = []
@@ -80,10 +81,9 @@ class _Engine:
             self.grads[(g, mb, s)] = g_in
         else:
             del self.losses[(g, mb)]
-        if self.tl.flush:
-            g_w = self._accumulate(c, s, mb, g_w)
-            if g_w is None:
-                return
+        g_w = self.flush.add((c, s), mb, g_w)
+        if g_w is None:
+            return
         step = self.lr * g_w
         self.blocks[c][s] -= step
         self.tracker.shift(s, step, -1.0 / self.C)
@@ -91,15 +91,6 @@ class _Engine:
         self.version[c][s] += 1
         self.rows.append((s, g, mb % self.R, mb, batch, v, stale, loss,
                           math.sqrt(float(g_w @ g_w)), t + 1))
-
-    def _accumulate(self, c: int, s: int, mb: int, g_w: np.ndarray) -> np.ndarray | None:
-        """GPipe/naive: sum the flush's gradients; the flush's last backward gets the mean."""
-        acc = self.acc.setdefault((c, s), [0.0, 0])
-        acc[0], acc[1] = acc[0] + g_w, acc[1] + 1
-        if not _flush_end(self.tl, mb):
-            return None
-        del self.acc[(c, s)]
-        return acc[0] / acc[1]
 
     def weights(self) -> np.ndarray:
         return self.W[0] if self.W.shape[0] == 1 else self.W.mean(axis=0)
@@ -138,10 +129,6 @@ class _FullTracker:
 def _tracker(model: Any, w: np.ndarray) -> Any:
     make = getattr(model, "objective_tracker", None)
     return make(w) if make else _FullTracker(model, w)
-
-
-def _flush_end(tl: Timeline, mb: int) -> bool:
-    return mb % tl.flush == tl.flush - 1 or mb == tl.microbatches - 1
 
 
 def simulate(tl: Timeline, model: Any, lr: float, *, groups: int = 1,

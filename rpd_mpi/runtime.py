@@ -1,0 +1,246 @@
+"""The MPI runtime: each rank executes its stage's program (DESIGN 4, `mpi` engine).
+
+`--order static` runs the stage's op sequence of the unit-time timeline (so the math equals
+the simulator's); `--order dynamic` applies the 1F1B choice rule (`schedule.choose_1f1b`) to
+what has actually arrived. Ops dispatch through a handler table; weight stashing as in the
+simulator; every op is stamped with MPI.Wtime() (start, end, seconds blocked waiting) and
+written, with the rank's updates and block snapshots, to the rank's part file as it goes.
+
+Stages compute (objectives), comm moves bytes, this module decides when.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter, wtime
+from rpd_mpi.ledger import PART_UPDATE_DTYPE, RankPart
+from rpd_mpi.records import AVG, BWD, EVENT_DTYPE, FWD, IDLE
+from rpd_mpi.schedule import Timeline, choose_1f1b
+from rpd_mpi.stepping import FlushBuffer
+
+
+def snapshot_dtype(block_size: int) -> np.dtype:
+    return np.dtype([("time", "f8"), ("version", "i8"), ("copy", "i4"),
+                     ("block", "f8", (block_size,))])
+
+
+class Recorder:
+    """This rank's events, updates and snapshots, buffered and appended to its part file."""
+
+    def __init__(self, part: RankPart, comm: Comm, t0: float, block_size: int) -> None:
+        self.part, self.t0 = part, t0
+        self.ids = (comm.rank, comm.group, comm.stage)
+        self.events: list[tuple] = []
+        self.updates: list[tuple] = []
+        self.snap = np.zeros(1, dtype=snapshot_dtype(block_size))
+
+    def event(self, op: int, mb: int, traj: int, version: int, start: float, end: float,
+              wait: float) -> None:
+        r, g, s = self.ids
+        self.events.append((r, g, s, traj, op, mb, version, start - self.t0, end - self.t0,
+                            wait))
+        if len(self.events) >= 1024:
+            self.flush_rows()
+
+    def update(self, row: tuple, end: float, block: np.ndarray, copy: int, version: int
+               ) -> None:
+        self.updates.append(row)
+        self.snap["time"], self.snap["version"], self.snap["copy"] = end - self.t0, version, copy
+        self.snap["block"][0] = block
+        self.part.append_snapshots(self.snap)
+
+    def flush_rows(self) -> None:
+        if self.events:
+            self.part.append_events(np.array(self.events, dtype=EVENT_DTYPE))
+            self.events = []
+        if self.updates:
+            self.part.append_updates(np.array(self.updates, dtype=PART_UPDATE_DTYPE))
+            self.updates = []
+
+
+class Progress:
+    """Rank 0's progress line on a terminal (quiet when stderr is not one)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled and sys.stderr.isatty()
+        self.t0 = self.last = time.monotonic()
+
+    def tick(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 1.0 and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        sys.stderr.write(f"\r[rpd-mpi] microbatches {done}/{self.total}  {rate:.1f}/s  "
+                         f"ETA {eta:.0f} s ")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+class StageRunner:
+    """One rank = one stage (of one group): block, stash, links, handlers."""
+
+    def __init__(self, cfg: Any, model: Any, comm: Comm, tl: Timeline, part: RankPart,
+                 waiter: Waiter, t0: float) -> None:
+        self.cfg, self.model, self.comm, self.tl = cfg, model, comm, tl
+        self.S, self.s, self.g = tl.stages, comm.stage, comm.group
+        self.G, self.R = cfg.schedule.groups, tl.trajectories
+        sl = model.slices[self.s]
+        self.W = np.tile(model.init_weights()[sl], (self.R, 1))   # one block per trajectory
+        self.version = [0] * self.R
+        self.mod = model.make_stage(self.s, self.g)
+        self.stash: dict[int, tuple] = {}
+        self.losses: dict[int, tuple[float, Any]] = {}
+        self.flush = FlushBuffer(tl.flush, tl.microbatches)
+        self.rec = Recorder(part, comm, t0, sl.stop - sl.start)
+        self.waiter, self.op_cost = waiter, cfg.runtime.op_cost
+        self.handlers: dict[int, Callable[[int], None]] = {
+            FWD: self.forward, BWD: self.backward, AVG: self.average}
+        self.progress = Progress(tl.microbatches, comm.rank == 0)
+        self.fault = _parse_fault(cfg.runtime.fault, comm.rank)
+        self.ops_done = 0
+        self._links()
+
+    def _links(self) -> None:
+        shape, s, c = self.model.activation_shape(self.s), self.s, self.comm
+        fslot, bslot = self.tl.op_slots(FWD), self.tl.op_slots(BWD)
+        self.act_in = RecvLink(c.act_comm, s - 1, shape, int((fslot[:, s] >= 0).sum()),
+                               self.waiter, "activation") if s > 0 else None
+        self.grad_in = RecvLink(c.grad_comm, s + 1, shape, int((bslot[:, s] >= 0).sum()),
+                                self.waiter, "gradient") if s < self.S - 1 else None
+        self.act_out = SendLink(c.act_comm, s + 1, shape, self.waiter, "activation") \
+            if s < self.S - 1 else None
+        self.grad_out = SendLink(c.grad_comm, s - 1, shape, self.waiter, "gradient") \
+            if s > 0 else None
+        # with a slot budget, send only what the peer will consume before the budget ends
+        self.next_fwd = fslot[:, s + 1] >= 0 if s < self.S - 1 else None
+        self.prev_bwd = bslot[:, s - 1] >= 0 if s > 0 else None
+
+    def batch(self, mb: int) -> int:
+        return (self.g + self.G * mb) % self.model.num_batches
+
+    def _hold(self, start: float) -> None:
+        """Emulated compute: keep the op busy until op_cost seconds after its start."""
+        if self.op_cost:
+            rest = self.op_cost - (wtime() - start)
+            if rest > 0:
+                time.sleep(rest)
+
+    def forward(self, mb: int) -> None:
+        t_wait = wtime()
+        a_in = self.act_in.take(mb) if self.act_in else None
+        start = wtime()
+        r = mb % self.R
+        w = self.W[r]
+        batch = self.batch(mb)
+        a_out, cache = self.mod.forward(w, a_in, batch)
+        v = self.version[r]
+        self.stash[mb] = (w.copy(), v, cache)
+        if self.s == self.S - 1:
+            self.losses[mb] = self.mod.loss(a_out, batch)
+        self._hold(start)
+        if self.act_out and self.next_fwd[mb]:
+            self.act_out.send(mb, a_out)
+        if self.act_in:
+            self.act_in.release()
+        self.rec.event(FWD, mb, r, v, start, wtime(), start - t_wait)
+
+    def backward(self, mb: int) -> None:
+        t_wait = wtime()
+        g_out = self.grad_in.take(mb) if self.grad_in else self.losses[mb][1]
+        start = wtime()
+        r, batch = mb % self.R, self.batch(mb)
+        w_read, v, cache = self.stash.pop(mb)
+        g_w, g_in = self.mod.backward(w_read, cache, g_out, batch)
+        self._hold(start)
+        if self.grad_out and self.prev_bwd[mb]:
+            self.grad_out.send(mb, g_in)
+        if self.grad_in:
+            self.grad_in.release()
+        loss = self.losses.pop(mb)[0] if self.s == self.S - 1 else math.nan
+        g_w = self.flush.add(r, mb, g_w)
+        if g_w is not None:
+            self._apply(mb, r, batch, v, loss, g_w, start)
+        end = wtime()
+        self.rec.event(BWD, mb, r, v, start, end, start - t_wait)
+        if self.s == 0:
+            self.progress.tick(mb + 1)
+
+    def _apply(self, mb: int, r: int, batch: int, v: int, loss: float, g_w: np.ndarray,
+               start: float) -> None:
+        step = self.cfg.lr * g_w
+        self.W[r] -= step
+        stale = self.version[r] - v
+        self.version[r] += 1
+        end = wtime()
+        row = (self.s, self.g, r, mb, batch, v, stale, loss, math.sqrt(float(g_w @ g_w)),
+               start - self.rec.t0, end - self.rec.t0)
+        self.rec.update(row, end, self.W[r], self.g * self.R + r, self.version[r])
+
+    def average(self, rnd: int) -> None:
+        """LocalSGD round end: mean over this rank's R copies, then over the stage's groups."""
+        start = wtime()
+        mean = self.W.mean(axis=0)
+        if self.G > 1:
+            self.comm.allreduce_mean(mean, self.G)
+        self.W[:] = mean
+        self.rec.event(AVG, rnd, 0, self.version[0], start, wtime(), 0.0)
+
+    def _inject(self) -> None:
+        if self.fault and self.ops_done == self.fault[1]:
+            if self.fault[0] == "raise":
+                raise RuntimeError(f"injected fault at op {self.ops_done}")
+            time.sleep(1e9)          # injected stall: the others must time out
+        self.ops_done += 1
+
+    def run_static(self, program: np.ndarray) -> None:
+        for op, mb in zip(program["op"].tolist(), program["mb"].tolist()):
+            self._inject()
+            self.handlers[op](mb)
+        self.finish()
+
+    def run_dynamic(self) -> None:
+        """PD 1F1B on what has arrived: F needs its activation (stage 0: NOAM), B its
+        gradient; when neither is ready, wait politely for either."""
+        N, noam = self.tl.microbatches, self.tl.noam or self.S
+        nf = nb = 0
+        has_b = turn_b = False
+        while nb < N:
+            f_ready = nf < N and (self.act_in.ready() if self.act_in else nf - nb < noam)
+            b_ready = nb < nf and (self.grad_in.ready() if self.grad_in else True)
+            op = choose_1f1b(b_ready, f_ready, has_b, turn_b)
+            if op == IDLE:
+                self._await(nf, nb, N)
+                continue
+            self._inject()
+            self.handlers[op](nf if op == FWD else nb)
+            nf, nb = (nf + 1, nb) if op == FWD else (nf, nb + 1)
+            has_b, turn_b = (True, False) if op == BWD else (has_b, has_b)
+        self.finish()
+
+    def _await(self, nf: int, nb: int, N: int) -> None:
+        probes = [link.ready for link, want in ((self.act_in, nf < N), (self.grad_in, nb < nf))
+                  if link is not None and want]
+        self.waiter.until(probes, lambda: f"activation {nf} or gradient {nb} (dynamic order)")
+
+    def finish(self) -> None:
+        for link in (self.act_out, self.grad_out):
+            if link:
+                link.drain()
+        self.rec.flush_rows()
+
+
+def _parse_fault(spec: str, rank: int) -> tuple[str, int] | None:
+    """'raise:RANK:OP' or 'stall:RANK:OP' (testing aid) -> (kind, op) for this rank."""
+    if not spec:
+        return None
+    kind, r, op = spec.split(":")
+    return (kind, int(op)) if int(r) == rank else None

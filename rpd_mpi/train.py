@@ -1,0 +1,142 @@
+"""`rpd-mpi train`: validate on every rank, run the stage programs, assemble one ledger.
+
+1. Every rank validates the configuration and the world size identically; the ranks agree
+   (one allreduce) before any pipeline message, and the lowest failing rank prints the error.
+2. Each rank runs its `StageRunner`, writing `<out>.rankNNNNN.part` as it goes.
+3. Rank 0 assembles the run file from the parts (global order by measured completion time,
+   measured delays, objective over wall time from block snapshots) and removes the parts.
+An exception on any rank prints `rpd-mpi: rank R (group g, stage s): ...` once and aborts the
+whole job; the parts of a failed run stay behind, marked incomplete.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+from rpd_mpi import comm as commlib
+from rpd_mpi.config import ConfigError, RunConfig
+from rpd_mpi.ledger import part_path, read_part, read_part_snapshots, RankPart, write_run
+from rpd_mpi.measured import fill_losses, global_updates, objective_curve
+from rpd_mpi.programs import stage_program
+from rpd_mpi.records import RunRecord
+from rpd_mpi.runs import build, schedule_of, to_record
+from rpd_mpi.runtime import StageRunner, snapshot_dtype
+from rpd_mpi.sim import Trace
+
+
+def check_world(cfg: RunConfig, size: int) -> None:
+    sch = cfg.schedule
+    need = sch.stages * sch.groups
+    if size != need:
+        raise ConfigError("--stages", f"the job has {size} MPI ranks but --stages {sch.stages}"
+                                      f" x --groups {sch.groups} needs {need} "
+                                      f"(launch with mpiexec -n {need})")
+    if sch.method == "rpd":
+        raise ConfigError("--method", "rpd on MPI ranks is not available yet; use simulate")
+    if cfg.runtime.order == "dynamic" and sch.method != "pd":
+        raise ConfigError("--order", f"dynamic order runs the PD 1F1B rule; use static with "
+                                     f"--method {sch.method}")
+    if cfg.runtime.order == "dynamic" and sch.budget_slots:
+        raise ConfigError("--budget-slots", "is a unit-time budget; with --order dynamic "
+                                            "give --microbatches instead")
+    if cfg.runtime.device != "cpu":
+        raise ConfigError("--device", "cuda is not available yet; allowed: cpu")
+
+
+def _prepare(cfg: RunConfig, comm: commlib.Comm) -> tuple[Any, Any]:
+    check_world(cfg, comm.size)
+    folder = os.path.dirname(os.path.abspath(cfg.out))
+    if not os.path.isdir(folder):
+        raise ConfigError("--out", f"directory {folder} does not exist")
+    return build(cfg), schedule_of(cfg)
+
+
+def train(make_config: Callable[[], RunConfig], as_json: bool = False) -> int:
+    """Validate (every rank), agree, run, assemble; returns the exit code."""
+    comm = commlib.Comm()
+    error: ConfigError | None = None
+    try:
+        cfg = make_config()
+        model, tl = _prepare(cfg, comm)
+    except ConfigError as err:
+        error = err
+    failed = comm.first_failure(error is not None)
+    if failed >= 0:
+        if comm.rank == failed:
+            print(f"rpd-mpi: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        record = _run(cfg, comm, model, tl)
+    except BaseException as err:    # one rank's failure ends the job, printed once here
+        sys.stderr.write(f"rpd-mpi: rank {comm.rank} (group {comm.group}, stage "
+                         f"{comm.stage}): {type(err).__name__}: {err}\n")
+        sys.stderr.flush()
+        comm.abort(1)
+        raise
+    if record is not None:
+        write_run(cfg.out, record)
+        for r in range(comm.size):
+            os.remove(part_path(cfg.out, r))
+        from rpd_mpi.commands import _print_summary
+        _print_summary(record, as_json, cfg.out)
+    comm.free()
+    return 0
+
+
+def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any) -> RunRecord | None:
+    comm.split(cfg.schedule.stages)
+    waiter = commlib.Waiter(commlib.auto_strategy(cfg.runtime.wait), cfg.runtime.timeout)
+    sl = model.slices[comm.stage]
+    with RankPart(part_path(cfg.out, comm.rank), comm.rank,
+                  snapshot_dtype=snapshot_dtype(sl.stop - sl.start)) as part:
+        offset = comm.clock_offset()
+        t0 = comm.start_time() - offset        # rank 0's t = 0, read on this rank's clock
+        runner = StageRunner(cfg, model, comm, tl, part, waiter, t0)
+        if cfg.runtime.order == "static":
+            runner.run_static(stage_program(tl, comm.stage))
+        else:
+            runner.run_dynamic()
+    meta = comm.gather({"host": commlib.processor_name() or socket.gethostname(),
+                        "blocked": waiter.blocked, "strategy": waiter.polite,
+                        "clock_offset": offset})
+    comm.barrier()          # every part is closed and complete
+    if comm.rank != 0:
+        return None
+    return assemble(cfg, model, tl, comm.size, meta)
+
+
+def assemble(cfg: RunConfig, model: Any, tl: Any, size: int, meta: list[dict]) -> RunRecord:
+    """Rank 0: the run file's record from every rank's part."""
+    parts = [read_part(part_path(cfg.out, r)) for r in range(size)]
+    events = np.concatenate([p[0] for p in parts])
+    rows = np.concatenate([p[1] for p in parts])
+    fill_losses(rows, cfg.schedule.stages)
+    updates = global_updates(rows, events, cfg.schedule.stages)
+    snaps = _snapshots_by_stage(cfg, size)
+    copies = cfg.schedule.groups * tl.trajectories
+    objective, final = objective_curve(model, snaps, updates.time, cfg.eval_every, copies)
+    trace = Trace(updates, objective, final, events)
+    extra = {"mpi_library": commlib.library_version(), "world_size": size,
+             "hosts": sorted({m["host"] for m in meta}),
+             "wait_strategy": "polite" if meta[0]["strategy"] else "spin",
+             "blocked_seconds": [m["blocked"] for m in meta],
+             "clock_offsets": [m["clock_offset"] for m in meta],
+             "op_cost": cfg.runtime.op_cost}
+    delta = int(updates.delays.max()) if len(updates) else 0
+    return to_record(cfg, model, trace, tl, engine="mpi", delta=delta, extra=extra)
+
+
+def _snapshots_by_stage(cfg: RunConfig, size: int) -> list[np.ndarray]:
+    S = cfg.schedule.stages
+    out = []
+    for s in range(S):
+        rows = [read_part_snapshots(part_path(cfg.out, g * S + s))
+                for g in range(cfg.schedule.groups)]
+        both = np.concatenate(rows)
+        out.append(both[np.argsort(both["time"], kind="stable")])
+    return out

@@ -12,10 +12,18 @@ renders it as text. The keys of the dict are stable (the CLI's `--json` contract
     steady_max_delay     max of the delays (all stages) over the second half of the updates
     steady_mean_delay    mean of the same entries
     max_local_staleness  max local staleness over all updates
-    utilization          busy cells / (T*S) of the timeline; without a timeline,
+    utilization          simulator: busy cells / (T*S) of the timeline; MPI: measured,
                          sum of event durations (end - start, IDLE rows excluded) /
                          (ranks * wall_time), ranks = stages * groups
     mean_loss_last10pct  mean last-stage loss of the last ceil(K/10) updates
+    unit_utilization     busy cells / (T*S) of the unit-time timeline (None without one)
+    unit_steady_max_delay, unit_steady_mean_delay
+                         the same delay statistics computed on the unit-time timeline, to
+                         set next to the measured ones of an MPI run
+    stage_utilization    MPI: per stage (stage 0 first, summed over groups) busy / wall
+    stage_bubble_time    MPI: per stage, seconds neither computing nor averaging (wall - busy)
+    stage_wait_time      MPI: per stage, seconds blocked waiting for a message
+    allreduce_time       MPI: seconds in LocalSGD averaging (AVG events), summed over ranks
 
 Values that cannot be computed (no updates, no events, ...) are None. Floats may be nan/inf
 for a diverged run; `json.dumps` writes them as NaN/Infinity.
@@ -34,6 +42,8 @@ SUMMARY_KEYS = (
     "method", "stages", "groups", "trajectories", "engine", "objective", "updates", "slots",
     "wall_time", "final_objective", "final_gap", "steady_max_delay", "steady_mean_delay",
     "max_local_staleness", "utilization", "mean_loss_last10pct",
+    "unit_utilization", "unit_steady_max_delay", "unit_steady_mean_delay",
+    "stage_utilization", "stage_bubble_time", "stage_wait_time", "allreduce_time",
 )
 
 
@@ -58,10 +68,16 @@ def _wall_time(events: np.ndarray) -> float | None:
     return float(events["end"].max() - events["start"].min())
 
 
-def _utilization(record: RunRecord, ranks: int, wall: float | None) -> float | None:
+def _unit_utilization(record: RunRecord) -> float | None:
     kind = record.timeline_kind
     if kind is not None and kind.size:
         return float(np.count_nonzero(kind != IDLE) / kind.size)
+    return None
+
+
+def _utilization(record: RunRecord, ranks: int, wall: float | None) -> float | None:
+    if record.attrs.get("engine") == "sim" or not record.events.size:
+        return _unit_utilization(record)
     if wall is None or wall <= 0 or ranks <= 0:
         return None
     events = record.events[record.events["op"] != IDLE]
@@ -104,6 +120,38 @@ def _slots(record: RunRecord) -> int | None:
     return None
 
 
+def _unit_delays(record: RunRecord) -> tuple[int | None, float | None]:
+    """Steady-state delay statistics of the stored unit-time timeline."""
+    if record.timeline_kind is None:
+        return None, None
+    from rpd_mpi.delays import update_order
+    from rpd_mpi.schedule import Timeline
+    a = record.attrs
+    tl = Timeline(record.timeline_kind, record.timeline_mb, a.get("method", "pd"),
+                  int(record.timeline_mb.max()) + 1, int(a.get("trajectories") or 1),
+                  int(a.get("local_steps") or 1), flush=int(a.get("flush") or 0))
+    d = update_order(tl).delays
+    steady = d[d.shape[0] // 2:]
+    return (int(steady.max()), float(steady.mean())) if steady.size else (None, None)
+
+
+def _per_stage(record: RunRecord, stages: int, wall: float | None) -> dict[str, Any]:
+    """Measured per-stage utilization, bubble and wait time (MPI runs only)."""
+    ev = record.events
+    if record.attrs.get("engine") == "sim" or not ev.size or not wall:
+        return {"stage_utilization": None, "stage_bubble_time": None,
+                "stage_wait_time": None, "allreduce_time": None}
+    groups = int(record.attrs.get("groups") or 1)
+    busy_ev = ev[ev["op"] != IDLE]
+    busy = np.bincount(busy_ev["stage"], busy_ev["end"] - busy_ev["start"], minlength=stages)
+    wait = np.bincount(ev["stage"], ev["wait"], minlength=stages)
+    avg = ev[ev["op"] == 3]
+    return {"stage_utilization": [float(b / (groups * wall)) for b in busy],
+            "stage_bubble_time": [float(groups * wall - b) for b in busy],
+            "stage_wait_time": [float(w) for w in wait],
+            "allreduce_time": float(np.sum(avg["end"] - avg["start"])) if avg.size else 0.0}
+
+
 def summarize(record: RunRecord) -> dict[str, Any]:
     """The summary of one run, keys as in SUMMARY_KEYS, plain Python values only."""
     attrs = record.attrs
@@ -123,7 +171,10 @@ def summarize(record: RunRecord) -> dict[str, Any]:
         "max_local_staleness": int(staleness.max()) if staleness.size else None,
         "utilization": _utilization(record, stages * groups, wall),
         "mean_loss_last10pct": _last_loss_mean(record),
+        "unit_utilization": _unit_utilization(record),
     }
+    out["unit_steady_max_delay"], out["unit_steady_mean_delay"] = _unit_delays(record)
+    out.update(_per_stage(record, stages, wall))
     return {key: _plain(out[key]) for key in SUMMARY_KEYS}
 
 
@@ -134,7 +185,11 @@ _LABELS = {
     "final_objective": "final objective", "final_gap": "final gap f - f*",
     "steady_max_delay": "steady max delay", "steady_mean_delay": "steady mean delay",
     "max_local_staleness": "max local staleness", "utilization": "utilization",
-    "mean_loss_last10pct": "mean loss (last 10%)",
+    "mean_loss_last10pct": "mean loss (last 10%)", "unit_utilization": "unit-time utilization",
+    "unit_steady_max_delay": "unit-time steady max delay",
+    "unit_steady_mean_delay": "unit-time steady mean delay",
+    "stage_utilization": "utilization per stage", "stage_bubble_time": "bubble s per stage",
+    "stage_wait_time": "wait s per stage", "allreduce_time": "averaging s (all ranks)",
 }
 
 
@@ -143,6 +198,8 @@ def _fmt(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
     return str(value)
 
 

@@ -132,6 +132,8 @@ def to_record(cfg: RunConfig, model: Any, trace: Trace, tl: Timeline | None, *,
     attrs = {
         "method": sch.method, "stages": sch.stages, "groups": sch.groups,
         "trajectories": sch.trajectories, "local_steps": sch.local_steps,
+        "noam": tl.noam if tl is not None else sch.noam,
+        "flush": tl.flush if tl is not None else sch.flush,
         "microbatches": tl.microbatches if tl is not None else sch.microbatches,
         "slots": tl.slots if tl is not None and sch.method != "rpd" else None,
         "delta": delta, "seed": cfg.seed, "lr": cfg.lr, "objective": cfg.objective.name,

@@ -136,7 +136,7 @@ class Waiter:
     """Waits on requests with a strategy and a timeout.
 
     `spin`: test in a tight loop (dedicated cores). `polite`: test, then sleep with a backoff
-    from 20 us to 2 ms, so that oversubscribed ranks leave the core to the ones computing.
+    from 20 us (x1.5 per try) to 1 ms, so that oversubscribed ranks leave the core to the ones computing.
     """
 
     def __init__(self, strategy: str, timeout: float) -> None:
@@ -161,7 +161,7 @@ class Waiter:
             spins += 1
             if self.polite:
                 time.sleep(sleep)
-                sleep = min(sleep * 2, 2e-3)
+                sleep = min(sleep * 1.5, 1e-3)
             if (self.polite or spins % 4096 == 0) and MPI.Wtime() - t0 > self.timeout:
                 raise RecvTimeout(f"waited {self.timeout:g} s for {what()}")
 

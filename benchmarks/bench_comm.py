@@ -1,0 +1,122 @@
+"""Comm layer benchmarks, under `mpiexec -n 2`:
+
+(a) activation/gradient ping-pong through rpd_mpi's SendLink/RecvLink vs a raw mpi4py
+    Send/Recv ping-pong of the same sizes (MiB/s, and the ratio);
+(b) measured utilization of a compute-bound balanced S = 2 pipeline (block-linear model with
+    a large batch) against the schedule's ideal N / (N + S - 1), for both wait strategies.
+
+    mpiexec -n 2 python benchmarks/bench_comm.py [--sizes-mib 0.001 1 4 16 64] [--micro 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter
+from rpd_mpi.config import ObjectiveConfig, RunConfig, RuntimeConfig, ScheduleConfig
+from rpd_mpi.ledger import read_run
+from rpd_mpi.report import summarize
+from rpd_mpi.train import train
+
+WORLD = MPI.COMM_WORLD
+
+
+def raw_pingpong(n: int, iters: int) -> float:
+    a = np.ones(n)
+    WORLD.Barrier()
+    t0 = MPI.Wtime()
+    for _ in range(iters):
+        if WORLD.rank == 0:
+            WORLD.Send(a, dest=1, tag=1)
+            WORLD.Recv(a, source=1, tag=2)
+        else:
+            WORLD.Recv(a, source=0, tag=1)
+            WORLD.Send(a, dest=0, tag=2)
+    return MPI.Wtime() - t0
+
+
+def link_pingpong(comm: Comm, n: int, iters: int, strategy: str) -> float:
+    waiter = Waiter(strategy, 60.0)
+    peer = 1 - comm.rank
+    out_comm, in_comm = (comm.act_comm, comm.grad_comm) if comm.rank == 0 else \
+        (comm.grad_comm, comm.act_comm)
+    send = SendLink(out_comm, peer, (n,), waiter, "bench")
+    recv = RecvLink(in_comm, peer, (n,), iters, waiter, "bench")
+    WORLD.Barrier()
+    t0 = MPI.Wtime()
+    for i in range(iters):
+        if comm.rank == 0:
+            send.send(i, send.buffer())
+            recv.take(i)
+            recv.release()
+        else:
+            recv.take(i)
+            recv.release()
+            send.send(i, send.buffer())
+    send.drain()
+    return MPI.Wtime() - t0
+
+
+def bandwidth_table(sizes_mib: list[float]) -> None:
+    comm = Comm()
+    comm.split(2)
+    if WORLD.rank == 0:
+        print(f"{'size MiB':>9s} {'raw MiB/s':>11s} {'spin MiB/s':>11s} {'polite MiB/s':>13s}"
+              f" {'spin/raw':>9s} {'polite/raw':>11s}")
+    for mib in sizes_mib:
+        n = max(1, int(mib * 2 ** 20 / 8))
+        iters = max(5, min(2000, int(2 ** 28 / (n * 8))))
+        raw_pingpong(n, 2)
+        best = {k: float("inf") for k in ("raw", "spin", "polite")}
+        for _ in range(3):
+            best["raw"] = min(best["raw"], raw_pingpong(n, iters))
+            for strategy in ("spin", "polite"):
+                best[strategy] = min(best[strategy], link_pingpong(comm, n, iters, strategy))
+        rate = {k: 2 * iters * n * 8 / 2 ** 20 / v for k, v in best.items()}
+        if WORLD.rank == 0:
+            print(f"{mib:9.3f} {rate['raw']:11.0f} {rate['spin']:11.0f} {rate['polite']:13.0f}"
+                  f" {rate['spin'] / rate['raw']:9.2f} {rate['polite'] / rate['raw']:11.2f}")
+
+
+def utilization_table(micro: int) -> None:
+    folder = WORLD.bcast(tempfile.mkdtemp() if WORLD.rank == 0 else None)
+    S = 2
+    ideal = micro / (micro + S - 1)
+    if WORLD.rank == 0:
+        print(f"\ncompute-bound S=2 pipeline, N={micro}, ideal N/(N+S-1) = {ideal:.3f}")
+        print(f"{'wait':>7s} {'wall s':>8s} {'utilization':>12s} {'of ideal':>9s}")
+    for strategy in ("spin", "polite"):
+        cfg = RunConfig(schedule=ScheduleConfig(method="pd", stages=S, microbatches=micro),
+                        objective=ObjectiveConfig(dim=2 * 3072, examples=2048,
+                                                  batch_size=1024),
+                        runtime=RuntimeConfig(wait=strategy, timeout=120.0), lr=1e-9,
+                        eval_every=micro * S, out=f"{folder}/util-{strategy}.h5")
+        t0 = time.perf_counter()
+        train(lambda: cfg)
+        wall = time.perf_counter() - t0
+        if WORLD.rank == 0:
+            summary = summarize(read_run(cfg.out))
+            u = summary["utilization"]
+            print(f"{strategy:>7s} {summary['wall_time']:8.3f} {u:12.3f} {u / ideal:9.3f}"
+                  f"   (whole command {wall:.1f} s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes-mib", type=float, nargs="+",
+                    default=[0.001, 0.0625, 1, 4, 16, 64])
+    ap.add_argument("--micro", type=int, default=32)
+    args = ap.parse_args()
+    if WORLD.size != 2:
+        raise SystemExit("run under mpiexec -n 2")
+    bandwidth_table(args.sizes_mib)
+    utilization_table(args.micro)
+
+
+if __name__ == "__main__":
+    main()

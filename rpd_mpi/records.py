@@ -17,11 +17,12 @@ import numpy as np
 IDLE, FWD, BWD, AVG = 0, 1, 2, 3
 OP_NAMES = {IDLE: "idle", FWD: "F", BWD: "B", AVG: "avg"}
 
-#: One row per executed op (MPI runs: measured; simulator: unit-time slots).
+#: One row per executed op (MPI runs: measured seconds; simulator: unit-time slots).
+#: `wait`: seconds blocked for the op's input; `bytes`: payload sent (F, B) or allreduced (AVG).
 EVENT_DTYPE = np.dtype([
     ("rank", "i4"), ("group", "i4"), ("stage", "i4"), ("trajectory", "i4"),
     ("op", "i1"), ("microbatch", "i8"), ("version", "i8"),
-    ("start", "f8"), ("end", "f8"), ("wait", "f8"),
+    ("start", "f8"), ("end", "f8"), ("wait", "f8"), ("bytes", "i8"),
 ])
 
 #: One row per block update, in global order k.

@@ -41,10 +41,10 @@ class Recorder:
         self.snap = np.zeros(1, dtype=snapshot_dtype(block_size))
 
     def event(self, op: int, mb: int, traj: int, version: int, start: float, end: float,
-              wait: float) -> None:
+              wait: float, nbytes: int = 0) -> None:
         r, g, s = self.ids
         self.events.append((r, g, s, traj, op, mb, version, start - self.t0, end - self.t0,
-                            wait))
+                            wait, nbytes))
         if len(self.events) >= 1024:
             self.flush_rows()
 
@@ -147,11 +147,13 @@ class StageRunner:
         if self.s == self.S - 1:
             self.losses[mb] = self.mod.loss(a_out, batch)
         self._hold(start)
+        sent = 0
         if self.act_out and self.next_fwd[mb]:
             self.act_out.send(mb, a_out)
+            sent = a_out.nbytes
         if self.act_in:
             self.act_in.release()
-        self.rec.event(FWD, mb, r, v, start, wtime(), start - t_wait)
+        self.rec.event(FWD, mb, r, v, start, wtime(), start - t_wait, sent)
 
     def backward(self, mb: int) -> None:
         t_wait = wtime()
@@ -161,8 +163,10 @@ class StageRunner:
         w_read, v, cache = self.stash.pop(mb)
         g_w, g_in = self.mod.backward(w_read, cache, g_out, batch)
         self._hold(start)
+        sent = 0
         if self.grad_out and self.prev_bwd[mb]:
             self.grad_out.send(mb, g_in)
+            sent = g_in.nbytes
         if self.grad_in:
             self.grad_in.release()
         loss = self.losses.pop(mb)[0] if self.s == self.S - 1 else math.nan
@@ -170,7 +174,7 @@ class StageRunner:
         if g_w is not None:
             self._apply(mb, r, batch, v, loss, g_w, start)
         end = wtime()
-        self.rec.event(BWD, mb, r, v, start, end, start - t_wait)
+        self.rec.event(BWD, mb, r, v, start, end, start - t_wait, sent)
         if self.s == 0:
             self.progress.tick(mb + 1)
 
@@ -192,7 +196,8 @@ class StageRunner:
         if self.G > 1:
             self.comm.allreduce_mean(mean, self.G)
         self.W[:] = mean
-        self.rec.event(AVG, rnd, 0, self.version[0], start, wtime(), 0.0)
+        self.rec.event(AVG, rnd, 0, self.version[0], start, wtime(), 0.0,
+                       mean.nbytes if self.G > 1 else 0)
 
     def _inject(self) -> None:
         if self.fault and self.ops_done == self.fault[1]:

@@ -40,6 +40,18 @@ def global_updates(rows: np.ndarray, events: np.ndarray, stages: int) -> Updates
                    time=u["end"].copy())
 
 
+def plan_updates(rows: np.ndarray, plan: Any) -> Updates:
+    """RPD: the global order is the iteration index k (= microbatch); delays are the plan's."""
+    u = rows[np.argsort(rows["microbatch"], kind="stable")]
+    K = u.size
+    return Updates(stage=u["stage"].astype(np.int64), group=u["group"].astype(np.int64),
+                   trajectory=u["trajectory"].astype(np.int64),
+                   microbatch=u["microbatch"].copy(), batch=u["batch"].copy(),
+                   version=u["version"].copy(), local_staleness=u["local_staleness"].copy(),
+                   delays=plan.delays[:K].copy(), loss=u["loss"].copy(),
+                   grad_norm=u["grad_norm"].copy(), time=u["end"].copy())
+
+
 def _forward_starts(events: np.ndarray, stages: int) -> dict[tuple[int, int, int], float]:
     f = events[events["op"] == FWD]
     return {(int(g), int(m), int(s)): float(t)
@@ -57,9 +69,10 @@ def fill_losses(rows: np.ndarray, stages: int) -> None:
 
 def objective_curve(model: Any, snaps: list[np.ndarray], times: np.ndarray,
                     every: int, copies: int) -> tuple[Objective, np.ndarray]:
-    """f at t = 0 and after every `every`-th update (by global end time `times`), from the
-    latest snapshot of each (stage, copy) at that time, averaged over copies. Returns the
+    """f at t = 0 and whenever `every` more updates have completed (by end time `times`), from
+    the latest snapshot of each (stage, copy) at that time, averaged over copies. Returns the
     curve and the final full vector."""
+    times = np.sort(times)
     w = model.init_weights()
     split = [[rows[rows["copy"] == c] for c in range(copies)] for rows in snaps]
     points = sorted(set(range(every, times.size + 1, every)) | {times.size} - {0})

@@ -18,7 +18,7 @@ from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.delays import update_order
 from rpd_mpi.objectives import build_model
 from rpd_mpi.records import RunRecord
-from rpd_mpi.rpd import rpd_plan, simulate_rpd
+from rpd_mpi.rpd import RPDPlan, rpd_plan, simulate_rpd
 from rpd_mpi.schedule import Timeline, timeline_for
 from rpd_mpi.sim import Trace, simulate
 
@@ -90,6 +90,15 @@ def simulate_run(cfg: RunConfig, model: Any | None = None) -> RunRecord:
 
 
 def _rpd(cfg: RunConfig, model: Any, tl: Timeline) -> tuple[Trace, int]:
+    plan, delta, clock = rpd_setup(cfg, model, tl)
+    return simulate_rpd(model, cfg.lr, plan, delta=delta, clock=clock,
+                        eval_every=cfg.eval_every), delta
+
+
+def rpd_setup(cfg: RunConfig, model: Any, tl: Timeline
+              ) -> tuple[RPDPlan, int, np.ndarray | None]:
+    """The RPD plan, its delay bound and its unit-time clock (the PD timeline's update
+    slots) for a configuration; identical on every process that calls it."""
     order = update_order(tl)
     K = cfg.rpd.updates or order.slot.size
     replay = None
@@ -101,8 +110,7 @@ def _rpd(cfg: RunConfig, model: Any, tl: Timeline) -> tuple[Trace, int]:
     plan = rpd_plan(K, cfg.schedule.stages, model.num_batches, delta,
                     cfg.rpd.delay_source, cfg.seed, replay)
     clock = (order.slot + 1) if K <= order.slot.size else None
-    return simulate_rpd(model, cfg.lr, plan, delta=delta, clock=clock,
-                        eval_every=cfg.eval_every), delta
+    return plan, delta, clock
 
 
 def _pd_delays(cfg: RunConfig, updates: int) -> np.ndarray:

@@ -51,7 +51,11 @@ class Recorder:
     def update(self, row: tuple, end: float, block: np.ndarray, copy: int, version: int
                ) -> None:
         self.updates.append(row)
-        self.snap["time"], self.snap["version"], self.snap["copy"] = end - self.t0, version, copy
+        self.snapshot(end, block, copy, version)
+
+    def snapshot(self, t: float, block: np.ndarray, copy: int, version: int) -> None:
+        """The block of model copy `copy` as it is from time t on."""
+        self.snap["time"], self.snap["version"], self.snap["copy"] = t - self.t0, version, copy
         self.snap["block"][0] = block
         self.part.append_snapshots(self.snap)
 
@@ -196,7 +200,10 @@ class StageRunner:
         if self.G > 1:
             self.comm.allreduce_mean(mean, self.G)
         self.W[:] = mean
-        self.rec.event(AVG, rnd, 0, self.version[0], start, wtime(), 0.0,
+        end = wtime()
+        for r in range(self.R):
+            self.rec.snapshot(end, self.W[r], self.g * self.R + r, self.version[r])
+        self.rec.event(AVG, rnd, 0, self.version[0], start, end, 0.0,
                        mean.nbytes if self.G > 1 else 0)
 
     def _inject(self) -> None:

@@ -21,10 +21,11 @@ import numpy as np
 from rpd_mpi import comm as commlib
 from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.ledger import part_path, read_part, read_part_snapshots, RankPart, write_run
-from rpd_mpi.measured import fill_losses, global_updates, objective_curve
+from rpd_mpi.measured import fill_losses, global_updates, objective_curve, plan_updates
 from rpd_mpi.programs import stage_program
 from rpd_mpi.records import RunRecord
-from rpd_mpi.runs import build, schedule_of, to_record
+from rpd_mpi.rpd_runtime import RPDRunner
+from rpd_mpi.runs import build, rpd_setup, schedule_of, to_record
 from rpd_mpi.runtime import StageRunner, snapshot_dtype
 from rpd_mpi.sim import Trace
 
@@ -36,8 +37,6 @@ def check_world(cfg: RunConfig, size: int) -> None:
         raise ConfigError("--stages", f"the job has {size} MPI ranks but --stages {sch.stages}"
                                       f" x --groups {sch.groups} needs {need} "
                                       f"(launch with mpiexec -n {need})")
-    if sch.method == "rpd":
-        raise ConfigError("--method", "rpd on MPI ranks is not available yet; use simulate")
     if cfg.runtime.order == "dynamic" and sch.method != "pd":
         raise ConfigError("--order", f"dynamic order runs the PD 1F1B rule; use static with "
                                      f"--method {sch.method}")
@@ -96,18 +95,30 @@ def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any) -> RunRecord |
                   snapshot_dtype=snapshot_dtype(sl.stop - sl.start)) as part:
         offset = comm.clock_offset()
         t0 = comm.start_time() - offset        # rank 0's t = 0, read on this rank's clock
-        runner = StageRunner(cfg, model, comm, tl, part, waiter, t0)
-        if cfg.runtime.order == "static":
-            runner.run_static(stage_program(tl, comm.stage))
-        else:
-            runner.run_dynamic()
+        losses = _execute(cfg, model, comm, tl, part, waiter, t0)
     meta = comm.gather({"host": commlib.processor_name() or socket.gethostname(),
                         "blocked": waiter.blocked, "strategy": waiter.polite,
-                        "clock_offset": offset})
+                        "clock_offset": offset, "losses": losses})
     comm.barrier()          # every part is closed and complete
     if comm.rank != 0:
         return None
     return assemble(cfg, model, tl, comm.size, meta)
+
+
+def _execute(cfg: RunConfig, model: Any, comm: commlib.Comm, tl: Any, part: RankPart,
+             waiter: commlib.Waiter, t0: float) -> np.ndarray | None:
+    """Run this rank's share; RPD's last stage returns every iteration's loss."""
+    if cfg.schedule.method == "rpd":
+        plan, delta, _ = rpd_setup(cfg, model, tl)
+        runner = RPDRunner(cfg, model, comm, plan, delta, part, waiter, t0)
+        runner.run()
+        return runner.losses if comm.stage == comm.stages - 1 else None
+    runner = StageRunner(cfg, model, comm, tl, part, waiter, t0)
+    if cfg.runtime.order == "static":
+        runner.run_static(stage_program(tl, comm.stage))
+    else:
+        runner.run_dynamic()
+    return None
 
 
 def assemble(cfg: RunConfig, model: Any, tl: Any, size: int, meta: list[dict]) -> RunRecord:
@@ -115,8 +126,14 @@ def assemble(cfg: RunConfig, model: Any, tl: Any, size: int, meta: list[dict]) -
     parts = [read_part(part_path(cfg.out, r)) for r in range(size)]
     events = np.concatenate([p[0] for p in parts])
     rows = np.concatenate([p[1] for p in parts])
-    fill_losses(rows, cfg.schedule.stages)
-    updates = global_updates(rows, events, cfg.schedule.stages)
+    if cfg.schedule.method == "rpd":
+        plan, delta, _ = rpd_setup(cfg, model, tl)
+        rows["loss"] = meta[-1]["losses"][rows["microbatch"]]
+        updates = plan_updates(rows, plan)
+    else:
+        fill_losses(rows, cfg.schedule.stages)
+        updates = global_updates(rows, events, cfg.schedule.stages)
+        delta = int(updates.delays.max()) if len(updates) else 0
     snaps = _snapshots_by_stage(cfg, size)
     copies = cfg.schedule.groups * tl.trajectories
     objective, final = objective_curve(model, snaps, updates.time, cfg.eval_every, copies)
@@ -127,7 +144,6 @@ def assemble(cfg: RunConfig, model: Any, tl: Any, size: int, meta: list[dict]) -
              "blocked_seconds": [m["blocked"] for m in meta],
              "clock_offsets": [m["clock_offset"] for m in meta],
              "op_cost": cfg.runtime.op_cost}
-    delta = int(updates.delays.max()) if len(updates) else 0
     return to_record(cfg, model, trace, tl, engine="mpi", delta=delta, extra=extra)
 
 

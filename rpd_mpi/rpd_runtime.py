@@ -21,7 +21,7 @@ from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter, wtime
 from rpd_mpi.ledger import RankPart
 from rpd_mpi.records import BWD, FWD
 from rpd_mpi.rpd import BlockHistory, RPDPlan
-from rpd_mpi.runtime import Progress, Recorder
+from rpd_mpi.runtime import Progress, Recorder, hold
 
 
 class RPDRunner:
@@ -67,6 +67,7 @@ class RPDRunner:
         w_read, v = self.hist.at(k - int(self.plan.delays[k, self.i]))
         batch = int(self.plan.batch[k])
         a_out, cache = self.mod.forward(w_read, a_in, batch)
+        hold(self.cfg.runtime.op_cost, start)
         g_last, sent = None, 0
         if self.act_out:
             self.act_out.send(k, a_out)
@@ -84,6 +85,7 @@ class RPDRunner:
         start = wtime()
         batch, s_k = int(self.plan.batch[k]), int(self.plan.stage[k])
         g_w, g_in = self.mod.backward(w_read, cache, g_out, batch)
+        hold(self.cfg.runtime.op_cost, start)
         sent = 0
         if self.i > s_k:
             self.grad_out.send(k, g_in)

@@ -30,6 +30,15 @@ def snapshot_dtype(block_size: int) -> np.dtype:
                      ("block", "f8", (block_size,))])
 
 
+def hold(op_cost: float, start: float) -> None:
+    """Emulated compute: keep the op busy until `op_cost` seconds after its start, sleeping
+    (the core stays free, so the emulation means something on an oversubscribed machine)."""
+    if op_cost:
+        rest = op_cost - (wtime() - start)
+        if rest > 0:
+            time.sleep(rest)
+
+
 class Recorder:
     """This rank's events, updates and snapshots, buffered and appended to its part file."""
 
@@ -132,11 +141,7 @@ class StageRunner:
         return (self.g + self.G * mb) % self.model.num_batches
 
     def _hold(self, start: float) -> None:
-        """Emulated compute: keep the op busy until op_cost seconds after its start."""
-        if self.op_cost:
-            rest = self.op_cost - (wtime() - start)
-            if rest > 0:
-                time.sleep(rest)
+        hold(self.op_cost, start)
 
     def forward(self, mb: int) -> None:
         t_wait = wtime()

@@ -77,10 +77,14 @@ def _typed(kind: type, flag: str) -> Callable[[str], Any]:
 
 
 def _add_run_flags(p: argparse.ArgumentParser, table: dict) -> None:
-    p.add_argument("--config", help="TOML file with [schedule], [rpd], [objective], ...")
-    for flag, (_, _, kind, text) in table.items():
+    p.add_argument("--config", help="TOML file with [schedule], [rpd], [objective], "
+                   "[runtime] sections and top-level lr, seed, eval_every, out; flags win")
+    defaults = RunConfig()
+    for flag, (section, name, kind, text) in table.items():
+        default = getattr(getattr(defaults, section) if section else defaults, name)
+        shown = f" (default {default})" if default not in ("", None) else ""
         p.add_argument(flag, type=_typed(kind, flag) if kind is not str else str,
-                       default=None, help=text)
+                       default=None, help=text + shown)
 
 
 def config_from(args: argparse.Namespace, table: dict) -> RunConfig:

@@ -108,7 +108,8 @@ class Comm:
 
 
 def library_version() -> str:
-    return MPI.Get_library_version().strip().splitlines()[0]
+    # Open MPI's string ends in NUL, which HDF5 string attributes refuse
+    return MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
 
 
 def processor_name() -> str:

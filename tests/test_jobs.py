@@ -1,0 +1,92 @@
+"""The launch scripts in jobs/: they parse, and jobs/local.sh runs a real pipeline.
+
+The Slurm scripts are submitted for real in tests/test_slurm.py.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rpd_mpi.ledger import read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL = ROOT / "jobs" / "local.sh"
+SCRIPTS = sorted([*ROOT.glob("jobs/*.sh"), *ROOT.glob("jobs/*.sbatch"),
+                  ROOT / "tests" / "slurm_node.sh"])
+SMALL = ["--method", "pd", "--objective", "quadratic", "--microbatches", "6", "--dim", "8",
+         "--examples", "30", "--batch-size", "5"]
+
+
+def local(*args: str, prefix: tuple[str, ...] = (), **env: str) -> subprocess.CompletedProcess:
+    """jobs/local.sh ARGS under `timeout`, with rpd-mpi and mpiexec from this interpreter's venv."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OMPI_")}
+    environ.update({"RPD_VENV": sys.prefix, **env})
+    return subprocess.run(["timeout", "-k", "5", "120", *prefix, str(LOCAL), *args],
+                          capture_output=True, text=True, env=environ, stdin=subprocess.DEVNULL)
+
+
+def test_every_job_script_is_executable_and_parses() -> None:
+    assert {p.name for p in SCRIPTS} >= {"local.sh", "pipeline.sbatch", "pipeline-gpu.sbatch",
+                                         "sweep.sbatch", "slurm_node.sh"}
+    for script in SCRIPTS:
+        assert os.access(script, os.X_OK), f"{script} is not executable"
+        parsed = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert parsed.returncode == 0, f"{script}: {parsed.stderr}"
+
+
+def test_local_runs_a_two_rank_pipeline(tmp_path: Path) -> None:
+    out = tmp_path / "run.h5"
+    got = local("2", *SMALL, "--out", str(out))
+    assert got.returncode == 0, got.stderr
+    run = read_run(out)
+    assert run.attrs["engine"] == "mpi"
+    assert run.attrs["world_size"] == run.attrs["stages"] == 2
+    assert len(run.updates) == 2 * 6
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="needs taskset (util-linux)")
+@pytest.mark.parametrize("given, used", [((), "polite"), (("--wait", "spin"), "spin")])
+def test_local_waits_politely_when_oversubscribed(tmp_path: Path, given: tuple[str, ...],
+                                                  used: str) -> None:
+    """On one core, two ranks oversubscribe: polite waits, unless --wait is given."""
+    out = tmp_path / "run.h5"
+    got = local("2", *SMALL, *given, "--out", str(out), prefix=("taskset", "-c", "0"))
+    assert got.returncode == 0, got.stderr
+    assert read_run(out).config["runtime"]["wait"] == used
+
+
+def fake_mpiexec(tmp_path: Path, version: str) -> Path:
+    """A venv whose mpiexec claims `version` and prints what it was asked to run."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    mpiexec = bin_dir / "mpiexec"
+    mpiexec.write_text(f"""#!/bin/sh
+[ "$1" = --version ] && {{ echo '{version}'; exit 0; }}
+echo "btl=$OMPI_MCA_btl root=$OMPI_ALLOW_RUN_AS_ROOT args $*"
+""")
+    mpiexec.chmod(0o755)
+    return bin_dir.parent
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="needs taskset (util-linux)")
+def test_local_oversubscribes_open_mpi(tmp_path: Path) -> None:
+    venv = fake_mpiexec(tmp_path, "mpiexec (Open MPI) 5.0.11")
+    got = local("2", "--lr", "0.1", prefix=("taskset", "-c", "0"), RPD_VENV=str(venv))
+    assert got.stdout.strip() == ("btl=^ofi root=1 args -n 2 --oversubscribe rpd-mpi train "
+                                  "--stages 2 --wait polite --lr 0.1")
+
+
+def test_local_adds_nothing_for_mpich_on_enough_cores(tmp_path: Path) -> None:
+    venv = fake_mpiexec(tmp_path, "HYDRA build details:")
+    got = local("1", "--lr", "0.1", RPD_VENV=str(venv))
+    assert got.stdout.strip() == "btl= root= args -n 1 rpd-mpi train --stages 1 --lr 0.1"
+
+
+def test_local_needs_a_stage_count() -> None:
+    got = local("--stages", "2")
+    assert got.returncode == 2 and "usage:" in got.stderr

@@ -2,7 +2,9 @@
 
 (a) activation/gradient ping-pong through rpd_mpi's SendLink/RecvLink vs a raw mpi4py
     Send/Recv ping-pong of the same sizes (MiB/s, and the ratio);
-(b) measured utilization of a compute-bound balanced S = 2 pipeline (block-linear model with
+(b) the LocalSGD averaging step (`Comm.allreduce_mean`: in-place Allreduce over the stage
+    communicator, then the division) vs a raw mpi4py Allreduce of the same size;
+(c) measured utilization of a compute-bound balanced S = 2 pipeline (block-linear model with
     a large batch) against the schedule's ideal N / (N + S - 1), for both wait strategies.
 
     mpiexec -n 2 python benchmarks/bench_comm.py [--sizes-mib 0.001 1 4 16 64] [--micro 32]
@@ -83,6 +85,32 @@ def bandwidth_table(sizes_mib: list[float]) -> None:
                   f" {rate['spin'] / rate['raw']:9.2f} {rate['polite'] / rate['raw']:11.2f}")
 
 
+def allreduce_table(sizes_mib: list[float]) -> None:
+    comm = Comm()
+    comm.split(1)                    # one stage, two groups: the stage communicator is the world
+    if WORLD.rank == 0:
+        print(f"\n{'size MiB':>9s} {'raw ms':>9s} {'averaging ms':>13s} {'ratio':>7s}")
+    for mib in sizes_mib:
+        n = max(1, int(mib * 2 ** 20 / 8))
+        a, b = np.ones(n), np.empty(n)
+        iters = max(3, min(500, int(2 ** 26 / (n * 8))))
+        best_raw = best_avg = float("inf")
+        for _ in range(3):
+            WORLD.Barrier()
+            t0 = MPI.Wtime()
+            for _ in range(iters):
+                WORLD.Allreduce(a, b, op=MPI.SUM)
+            best_raw = min(best_raw, (MPI.Wtime() - t0) / iters)
+            WORLD.Barrier()
+            t0 = MPI.Wtime()
+            for _ in range(iters):
+                comm.allreduce_mean(a, 2)
+            best_avg = min(best_avg, (MPI.Wtime() - t0) / iters)
+        if WORLD.rank == 0:
+            print(f"{mib:9.3f} {best_raw * 1e3:9.3f} {best_avg * 1e3:13.3f} "
+                  f"{best_avg / best_raw:7.2f}")
+
+
 def utilization_table(micro: int) -> None:
     folder = WORLD.bcast(tempfile.mkdtemp() if WORLD.rank == 0 else None)
     S = 2
@@ -92,8 +120,8 @@ def utilization_table(micro: int) -> None:
         print(f"{'wait':>7s} {'wall s':>8s} {'utilization':>12s} {'of ideal':>9s}")
     for strategy in ("spin", "polite"):
         cfg = RunConfig(schedule=ScheduleConfig(method="pd", stages=S, microbatches=micro),
-                        objective=ObjectiveConfig(dim=2 * 3072, examples=2048,
-                                                  batch_size=1024),
+                        objective=ObjectiveConfig(dim=2 * 1024, examples=4096,
+                                                  batch_size=2048),
                         runtime=RuntimeConfig(wait=strategy, timeout=120.0), lr=1e-9,
                         eval_every=micro * S, out=f"{folder}/util-{strategy}.h5")
         t0 = time.perf_counter()
@@ -115,6 +143,7 @@ def main() -> None:
     if WORLD.size != 2:
         raise SystemExit("run under mpiexec -n 2")
     bandwidth_table(args.sizes_mib)
+    allreduce_table(args.sizes_mib)
     utilization_table(args.micro)
 
 

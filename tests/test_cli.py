@@ -121,3 +121,19 @@ def test_schedule_prints_the_grid() -> None:
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("# pd stages=3") and len(lines) == 4
     assert lines[3].split()[1:4] == [".", ".", "F0"]
+
+
+def test_h5_data_file_with_f_star(tmp_path) -> None:
+    import h5py
+    rng = np.random.default_rng(1)
+    X, w = rng.standard_normal((12, 5)), rng.standard_normal(5)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["X"], f["y"], f["f_star"] = X, X @ w, 0.0
+    out = tmp_path / "r.h5"
+    res = rpd_mpi("simulate", *SMALL, "--data", str(tmp_path / "d.h5"), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert read_run(out).attrs["dim"] == 5
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f["X"] = X
+    res = rpd_mpi("simulate", *SMALL, "--data", str(tmp_path / "bad.h5"), "--out", str(out))
+    assert res.returncode == 2 and "--data" in res.stderr and "'y'" in res.stderr

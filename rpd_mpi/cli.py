@@ -9,6 +9,7 @@ and before any ledger file is created.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -30,13 +31,18 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--updates": ("rpd", "updates", int, "RPD block updates K (0 = as many as PD)"),
     "--delays-from": ("rpd", "delays_from", str, "ledger whose delays RPD replays"),
     "--objective": ("objective", "name", str, f"one of {', '.join(OBJECTIVES)}"),
-    "--data": ("objective", "data", str, ".npz/.h5 file with X, y [, w_true, f_star]"),
+    "--data": ("objective", "data", str, ".npz/.h5 file with X, y [, w_true, f_star]; "
+               "charlm: a UTF-8 text file"),
     "--dim": ("objective", "dim", int, "parameters d"),
     "--examples": ("objective", "examples", int, "examples n"),
-    "--batch-size": ("objective", "batch_size", int, "rows per microbatch (divides n)"),
+    "--batch-size": ("objective", "batch_size", int,
+                     "rows per microbatch (divides n); charlm: windows per microbatch"),
     "--noise": ("objective", "noise", float, "std of Gaussian gradient noise"),
     "--mu": ("objective", "mu", float, "tridiag: Hessian shift"),
     "--lam": ("objective", "lam", float, "logistic: L2 regularisation"),
+    "--width": ("objective", "width", int, "charlm: model width (paper: 256)"),
+    "--heads": ("objective", "heads", int, "charlm: attention heads (paper: 8)"),
+    "--context": ("objective", "context", int, "charlm: characters per window (paper: 128)"),
     "--lr": ("", "lr", float, "step size"),
     "--seed": ("", "seed", int, "random seed"),
     "--eval-every": ("", "eval_every", int, "objective cadence in slots"),
@@ -146,6 +152,10 @@ def _schedule_flags(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("train", "simulate"):
+        # one BLAS thread per process: ranks share the cores (set before numpy loads)
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
     from rpd_mpi import commands
     try:
         return commands.run(args)

@@ -107,9 +107,18 @@ class ObjectiveConfig:
     noise: float = 0.0
     mu: float = 0.01
     lam: float = 1e-4
+    width: int = 32               # charlm: model width
+    heads: int = 2                # charlm: attention heads (divide the width)
+    context: int = 32             # charlm: characters per window
 
     def __post_init__(self) -> None:
         _choice("--objective", self.name, OBJECTIVES)
+        for flag, value in (("--width", self.width), ("--heads", self.heads),
+                            ("--context", self.context)):
+            _int_at_least(flag, value, 1)
+        if self.width % self.heads:
+            raise ConfigError("--heads", f"must divide --width {self.width} "
+                                         f"(got {self.heads})")
         _int_at_least("--dim", self.dim, 1)
         _int_at_least("--examples", self.examples, 1)
         _int_at_least("--batch-size", self.batch_size, 1)
@@ -118,7 +127,7 @@ class ObjectiveConfig:
         _positive("--mu", self.mu)
         if not isinstance(self.lam, (int, float)) or self.lam < 0:
             raise ConfigError("--lam", f"must be a number >= 0 (got {self.lam!r})")
-        if not self.data and self.examples % self.batch_size:
+        if not self.data and self.name != "charlm" and self.examples % self.batch_size:
             raise ConfigError("--batch-size", f"must divide --examples {self.examples} "
                                               f"(got {self.batch_size})")
 

@@ -34,7 +34,7 @@ class RPDRunner:
         self.w = model.init_weights()[sl].copy()
         self.hist = BlockHistory(self.w, delta)
         self.mod = model.make_stage(self.i)
-        self.rec = Recorder(part, comm, t0, sl.stop - sl.start)
+        self.rec = Recorder(part, comm, t0, sl.stop - sl.start, cfg.eval_every)
         self.losses = np.full(plan.stage.size, np.nan)
         self.progress = Progress(plan.stage.size, comm.rank == 0)
         shape, i, K = model.activation_shape(self.i), self.i, plan.stage.size
@@ -58,6 +58,8 @@ class RPDRunner:
         for link in (self.act_out, self.grad_out):
             if link:
                 link.drain()
+        if self.rec.taken.get(0) != self.hist.version:
+            self.rec.snapshot(wtime(), self.w, 0, self.hist.version)
         self.rec.flush_rows()
 
     def forward(self, k: int) -> tuple[np.ndarray, int, Any, Any]:

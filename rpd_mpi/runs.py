@@ -49,8 +49,7 @@ def build(cfg: RunConfig) -> Any:
     """The model of a configuration (data file read and checked here)."""
     obj, S = cfg.objective, cfg.schedule.stages
     if obj.name == "charlm":
-        raise ConfigError("--objective", "charlm is not available yet; allowed now: "
-                                         "quadratic, tridiag, logistic")
+        return _charlm(cfg)
     data = load_data(obj.data) if obj.data else None
     if data is not None:
         n, d = np.shape(data["X"]) if np.ndim(data["X"]) == 2 else (0, 0)
@@ -65,6 +64,23 @@ def build(cfg: RunConfig) -> Any:
                            mu=obj.mu, lam=obj.lam, data=data)
     except ValueError as err:
         raise ConfigError("--data" if data else "--objective", str(err)) from None
+
+
+def _charlm(cfg: RunConfig) -> Any:
+    from rpd_mpi.objectives.charlm import build_charlm
+    obj, text = cfg.objective, None
+    if obj.data:
+        try:
+            with open(obj.data, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError("--data", f"cannot read {obj.data} as UTF-8 text: {err}") from None
+    try:
+        return build_charlm(cfg.schedule.stages, width=obj.width, heads=obj.heads,
+                            context=obj.context, batch_size=obj.batch_size, seed=cfg.seed,
+                            text=text)
+    except ValueError as err:
+        raise ConfigError("--data" if obj.data else "--objective", str(err)) from None
 
 
 def schedule_of(cfg: RunConfig) -> Timeline:
@@ -150,6 +166,8 @@ def to_record(cfg: RunConfig, model: Any, trace: Trace, tl: Timeline | None, *,
         cfg.runtime.order, "package_version": __version__, "mpi_library": "",
         "hosts": [socket.gethostname()], "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
     }
+    if getattr(model, "vocab", None) is not None:
+        attrs["vocab"] = "".join(model.vocab)
     attrs.update(extra or {})
     attrs.pop("package_version")          # the ledger stamps its own
     blocks = [trace.final_weights[sl].copy() for sl in model.slices]

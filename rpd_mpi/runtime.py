@@ -25,6 +25,9 @@ from rpd_mpi.schedule import Timeline, choose_1f1b
 from rpd_mpi.stepping import FlushBuffer
 
 
+SNAPSHOT_ALWAYS = 2 ** 16      # blocks up to this many values are snapshot at every update
+
+
 def snapshot_dtype(block_size: int) -> np.dtype:
     return np.dtype([("time", "f8"), ("version", "i8"), ("copy", "i4"),
                      ("block", "f8", (block_size,))])
@@ -42,12 +45,17 @@ def hold(op_cost: float, start: float) -> None:
 class Recorder:
     """This rank's events, updates and snapshots, buffered and appended to its part file."""
 
-    def __init__(self, part: RankPart, comm: Comm, t0: float, block_size: int) -> None:
+    def __init__(self, part: RankPart, comm: Comm, t0: float, block_size: int,
+                 every: int = 1) -> None:
         self.part, self.t0 = part, t0
         self.ids = (comm.rank, comm.group, comm.stage)
         self.events: list[tuple] = []
         self.updates: list[tuple] = []
         self.snap = np.zeros(1, dtype=snapshot_dtype(block_size))
+        # small blocks: a snapshot after every update (exact objective curves); large ones
+        # (charlm): every `every` updates, and always after the last (final blocks)
+        self.every = 1 if block_size <= SNAPSHOT_ALWAYS else max(1, every)
+        self.taken: dict[int, int] = {}      # copy -> version of its last snapshot
 
     def event(self, op: int, mb: int, traj: int, version: int, start: float, end: float,
               wait: float, nbytes: int = 0) -> None:
@@ -60,10 +68,12 @@ class Recorder:
     def update(self, row: tuple, end: float, block: np.ndarray, copy: int, version: int
                ) -> None:
         self.updates.append(row)
-        self.snapshot(end, block, copy, version)
+        if version % self.every == 0:
+            self.snapshot(end, block, copy, version)
 
     def snapshot(self, t: float, block: np.ndarray, copy: int, version: int) -> None:
         """The block of model copy `copy` as it is from time t on."""
+        self.taken[copy] = version
         self.snap["time"], self.snap["version"], self.snap["copy"] = t - self.t0, version, copy
         self.snap["block"][0] = block
         self.part.append_snapshots(self.snap)
@@ -113,7 +123,7 @@ class StageRunner:
         self.stash: dict[int, tuple] = {}
         self.losses: dict[int, tuple[float, Any]] = {}
         self.flush = FlushBuffer(tl.flush, tl.microbatches)
-        self.rec = Recorder(part, comm, t0, sl.stop - sl.start)
+        self.rec = Recorder(part, comm, t0, sl.stop - sl.start, cfg.eval_every)
         self.waiter, self.op_cost = waiter, cfg.runtime.op_cost
         self.handlers: dict[int, Callable[[int], None]] = {
             FWD: self.forward, BWD: self.backward, AVG: self.average}
@@ -252,6 +262,9 @@ class StageRunner:
         for link in (self.act_out, self.grad_out):
             if link:
                 link.drain()
+        for r in range(self.R):
+            if self.rec.taken.get(self.g * self.R + r) != self.version[r]:
+                self.rec.snapshot(wtime(), self.W[r], self.g * self.R + r, self.version[r])
         self.rec.flush_rows()
 
 

@@ -79,3 +79,20 @@ def test_parts_of_a_failed_run_are_marked_incomplete(tmp_path: Path) -> None:
     if p.exists():                            # the aborted rank may not have flushed at all
         assert part_attrs(p)["complete"] is False or not part_attrs(p)["complete"]
     assert not out.exists()
+
+
+def test_charlm_on_three_ranks_equals_simulator(tmp_path: Path) -> None:
+    """S = 3 needs a 3-rank job, which the -n 2 / -n 4 MPI phases do not give."""
+    import numpy as np
+    from rpd_mpi.ledger import read_run
+    args = ["--method", "pd", "--objective", "charlm", "--stages", "3", "--microbatches", "5",
+            "--width", "16", "--heads", "2", "--context", "8", "--batch-size", "2",
+            "--lr", "0.1", "--eval-every", "10"]
+    res, _ = launch(3, *args, "--out", str(tmp_path / "mpi.h5"))
+    assert res.returncode == 0, res.stderr
+    sim = subprocess.run([sys.executable, "-m", "rpd_mpi", "simulate", *args, "--out",
+                          str(tmp_path / "sim.h5")], capture_output=True, text=True, timeout=120)
+    assert sim.returncode == 0, sim.stderr
+    a, b = read_run(tmp_path / "mpi.h5"), read_run(tmp_path / "sim.h5")
+    for x, y in zip(a.final_blocks, b.final_blocks):
+        assert np.abs(x - y).max() <= 1e-10 * max(1.0, np.abs(y).max())

@@ -136,9 +136,14 @@ def auto_strategy(requested: str) -> str:
 class Waiter:
     """Waits on requests with a strategy and a timeout.
 
-    `spin`: test in a tight loop (dedicated cores). `polite`: test, then sleep with a backoff
-    from 20 us (x1.5 per try) to 1 ms, so that oversubscribed ranks leave the core to the ones computing.
+    `spin`: test in a tight loop (dedicated cores). `polite`: test in a tight loop for
+    SPIN_FIRST seconds (a message about to land, or a large one whose chunks need MPI progress
+    calls, costs no sleep), then sleep between tests with a backoff from 20 us (x1.5 per try)
+    to SLEEP_MAX, so that oversubscribed ranks leave the core to the ones computing.
     """
+
+    SPIN_FIRST = 5e-5
+    SLEEP_MAX = 5e-4
 
     def __init__(self, strategy: str, timeout: float) -> None:
         if strategy not in ("spin", "polite"):
@@ -160,9 +165,9 @@ class Waiter:
                     self.blocked += MPI.Wtime() - t0
                     return i
             spins += 1
-            if self.polite:
+            if self.polite and MPI.Wtime() - t0 > self.SPIN_FIRST:
                 time.sleep(sleep)
-                sleep = min(sleep * 1.5, 1e-3)
+                sleep = min(sleep * 1.5, self.SLEEP_MAX)
             if (self.polite or spins % 4096 == 0) and MPI.Wtime() - t0 > self.timeout:
                 raise RecvTimeout(f"waited {self.timeout:g} s for {what()}")
 

@@ -1,0 +1,153 @@
+"""Helpers shared by the tools: one-line errors, the Agg pyplot, Markdown tables, objective
+gaps and labels of ledgers, a process-parallel map, and the run flags of `rpd-mpi simulate`.
+
+Nothing here prints; the tools' `main` functions do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+import numpy as np
+
+from rpd_mpi.config import ConfigError, RunConfig
+from rpd_mpi.ledger import LedgerError
+from rpd_mpi.records import RunRecord
+
+T = TypeVar("T")
+R = TypeVar("R")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ToolError(Exception):
+    """A tool cannot do what it was asked; the message says why (one line, exit 2)."""
+
+
+def guarded(body: Callable[[], int]) -> int:
+    """Run a tool's body; known errors become one stderr line and exit code 2."""
+    try:
+        return body()
+    except (ToolError, ConfigError, LedgerError) as err:
+        print(f"rpd-mpi: error: {err}", file=sys.stderr)
+        return 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"rpd-mpi: error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write `fig` as a PNG (folders created) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    return path
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: '-' for None, integers as is, floats with `digits` significant digits."""
+    if value is None:
+        return "-"
+    if isinstance(value, (bool, str)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{float(value):.{digits}g}"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; cells go through `fmt` unless they are strings."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def lr_exponent(lr: float) -> int | None:
+    """e when lr == 2**e exactly, else None."""
+    m, e = math.frexp(lr)
+    return e - 1 if m == 0.5 else None
+
+
+def lr_text(lr: float) -> str:
+    """'2^-8' for powers of two, else '%g'."""
+    e = lr_exponent(lr)
+    return f"2^{e}" if e is not None else f"{lr:g}"
+
+
+def gaps(record: RunRecord) -> np.ndarray:
+    """The objective values minus f* (the values themselves when f* is unknown)."""
+    f_star = record.attrs.get("f_star")
+    values = np.asarray(record.objective.value, dtype=float)
+    return values - float(f_star) if f_star is not None else values
+
+
+def describe(record: RunRecord) -> str:
+    """A short legend label: method, S, H (LocalSGD), delta (RPD), step size."""
+    a = record.attrs
+    parts = [str(a.get("method", "?")).upper().replace("LOCALSGD", "LocalSGD"),
+             f"S={a.get('stages')}"]
+    if a.get("method") == "localsgd":
+        parts.append(f"H={a.get('local_steps')}")
+    if a.get("method") == "rpd":
+        parts.append(f"δ={a.get('delta')}")
+    if a.get("lr") is not None:
+        parts.append(f"lr={lr_text(float(a['lr']))}")
+    return " ".join(parts)
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]:
+    """[fn(x) for x in items], in `jobs` worker processes when jobs > 1 (order kept).
+
+    Workers are forked where the platform can (they inherit imported modules and compiled
+    kernels, and the caller's script needs no `if __name__ == "__main__"` guard), spawned
+    elsewhere; `fn` must be a module-level function.
+    """
+    if jobs <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=ctx) as pool:
+        return list(pool.map(fn, items))
+
+
+def add_run_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """The flags of `rpd-mpi simulate` (DESIGN 6), except those in `skip`."""
+    from rpd_mpi.cli import FLAGS
+    parser.add_argument("--config", help="TOML file with [schedule], [objective], ...")
+    for flag, (_, _, kind, text) in FLAGS.items():
+        if flag not in skip:
+            parser.add_argument(flag, type=kind, default=None, help=text)
+
+
+def config_from_args(args: argparse.Namespace, skip: Sequence[str] = ()) -> RunConfig:
+    """Defaults < TOML < flags, validated exactly as `rpd-mpi simulate` does."""
+    from rpd_mpi.cli import FLAGS, config_from
+    return config_from(args, {k: v for k, v in FLAGS.items() if k not in skip})

@@ -1,0 +1,69 @@
+"""E6: the character language model, PD against LocalSGD at equal slots (DESIGN 7).
+
+S = R = 16, about 2078 slots, LocalSGD with H in {1, 4, 8}; the paper's model has width 256
+(~11.1M parameters). On this CPU the default is a reduced width (`--quick` reduces further);
+`experiment E6 --full` runs the paper's width and context. The objective is the mean
+next-character cross-entropy on the model's fixed evaluation windows (the training loss of the
+generated corpus); step sizes are swept over powers of two and each curve gets its best.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rpd_mpi.config import ObjectiveConfig
+from tools.common import fmt, markdown_table
+from tools.experiments import Outcome, Settings
+from tools.presets import Tuned, make_cfg, plot_tuned, tune
+
+PAPER_SLOTS = 2078
+LM_GRID, QUICK_LM_GRID = (-4, 0), (-3, -1)
+
+
+def _objective(st: Settings, full: bool) -> ObjectiveConfig:
+    if full:
+        return ObjectiveConfig(name="charlm", width=256, heads=8, context=128, batch_size=8)
+    if st.quick:
+        return ObjectiveConfig(name="charlm", width=8, heads=2, context=8, batch_size=2)
+    return ObjectiveConfig(name="charlm", width=32, heads=2, context=32, batch_size=8)
+
+
+def run_e6(st: Settings, full: bool = False) -> Outcome:
+    """PD with N microbatches vs LocalSGD (R = S, H in {1, 4, 8}) on PD's slot budget."""
+    S = 4 if st.quick else 16
+    N = 20 if st.quick else (PAPER_SLOTS - 2 * S + 2) // 2
+    budget = 2 * N + 2 * S - 2
+    obj, grid = _objective(st, full), QUICK_LM_GRID if st.quick else LM_GRID
+    every = max(1, budget // 40)
+    runs = [tune(_cadence(make_cfg("pd", obj, S, microbatches=N, budget=budget), every),
+                 grid, st, "pd", "PD")]
+    for h in (1, 4, 8):
+        cfg = _cadence(make_cfg("localsgd", obj, S, budget=budget, local_steps=h), every)
+        runs.append(tune(cfg, grid, st, f"localsgd_H{h}", f"LocalSGD H={h}"))
+    png = plot_tuned(runs, "slots", st.out / "E6.png",
+                     f"E6: char LM width {obj.width}, S=R={S}, {budget} slots, best lr each")
+    return Outcome(_table(runs, budget, st.quick), png, _measured(runs, budget, obj))
+
+
+def _cadence(cfg: Any, every: int) -> Any:
+    """Evaluating the LM costs a forward pass of every stage: every `every` slots only."""
+    return dataclasses.replace(cfg, eval_every=every)
+
+
+def _table(runs: list[Tuned], budget: int, quick: bool) -> str:
+    rows = [(r.label, r.lr, fmt(r.final), fmt(r.score),
+             "-" if quick else ("lowest" if r.label == "PD" else "higher")) for r in runs]
+    table = markdown_table(("curve", "best lr", f"loss at {budget} slots (rpd_mpi)",
+                            "mean of last 10%", "paper"), rows)
+    finished = [r for r in runs if r.final is not None]
+    lowest = min(finished, key=lambda r: r.final).label if finished else "-"
+    return table + f"\n\nlowest final training loss (rpd_mpi): **{lowest}**; paper: PD"
+
+
+def _measured(runs: list[Tuned], budget: int, obj: ObjectiveConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {r.label: r.summary() for r in runs}
+    finished = [r for r in runs if r.final is not None]
+    out.update(budget=budget, width=obj.width, context=obj.context,
+               lowest=min(finished, key=lambda r: r.final).label if finished else None)
+    return out

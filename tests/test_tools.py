@@ -257,3 +257,18 @@ def test_experiment_e3_quick_writes_ledgers_table_and_plot(tmp_path: Path, capsy
     assert kept.attrs["local_steps"] == 5 and kept.attrs["lr"] == data["LocalSGD H=5"]["lr"]
     assert int(kept.objective.time[-1]) == 46 and is_png(tmp_path / "E3.png")
     assert "E3 wall time:" in capsys.readouterr().out
+
+
+def test_mpi_compare_runs_real_ranks(tmp_path: Path) -> None:
+    from tools import mpi_compare
+    assert mpi_compare.main(["--stages", "2", "--microbatches", "4", "--dim", "8",
+                             "--examples", "20", "--op-cost", "0.001",
+                             "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "mpi_compare.md").read_text()
+    rows = [r for r in table.splitlines() if r.startswith("| PD") or r.startswith("| Local")]
+    assert len(rows) == 5
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        if cells[1] == "static":            # static order: the simulator's math exactly
+            assert cells[3] == cells[4]
+    assert is_png(tmp_path / "mpi_compare.png")

@@ -131,6 +131,10 @@ def cmd_external(args: argparse.Namespace) -> int:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as err:
         raise ConfigError(args.command, f"no module {module} ({err})") from None
+    if not callable(getattr(mod, "main", None)):
+        raise ConfigError(args.command, f"{module} is a helper module, not a tool (tools: "
+                                        f"delays_vs_s, curves, timeline, sweep, theory, "
+                                        f"mpi_compare)")
     return int(mod.main(argv) or 0)
 
 

@@ -13,7 +13,8 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from rpd_mpi.config import DELAY_SOURCES, METHODS, OBJECTIVES, ORDERS, ConfigError, RunConfig
+from rpd_mpi.config import (DELAY_SOURCES, METHODS, OBJECTIVES, ORDERS, TRANSPORTS,
+                            ConfigError, RunConfig)
 
 # flag -> (section or "" for top level, field, type, help)
 FLAGS: dict[str, tuple[str, str, type, str]] = {
@@ -55,6 +56,14 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--timeout": ("runtime", "timeout", float, "seconds a receive may wait"),
     "--op-cost": ("runtime", "op_cost", float, "seconds each F/B is held (emulation)"),
     "--fault": ("runtime", "fault", str, "testing aid: raise:RANK:OP or stall:RANK:OP"),
+    "--transport": ("runtime", "transport", str, f"cuda: one of {', '.join(TRANSPORTS)} "
+                    "(pinned host staging, device buffers to a CUDA-aware MPI, CUDA IPC "
+                    "between ranks of one node)"),
+    "--gpu-aware-mpi": ("runtime", "gpu_aware_mpi", bool, "cuda: the MPI library is "
+                        "CUDA-aware (checked where the library says; needs --transport direct)"),
+    "--gpus-per-node": ("runtime", "gpus_per_node", int, "cuda: devices per node; rank -> "
+                        "device = local rank mod N (0 = every visible device, 1 = all share "
+                        "device 0)"),
 }
 
 
@@ -89,6 +98,9 @@ def _add_run_flags(p: argparse.ArgumentParser, table: dict) -> None:
     for flag, (section, name, kind, text) in table.items():
         default = getattr(getattr(defaults, section) if section else defaults, name)
         shown = f" (default {default})" if default not in ("", None) else ""
+        if kind is bool:          # a switch: given = True, absent = the config's value
+            p.add_argument(flag, action="store_const", const=True, default=None, help=text)
+            continue
         p.add_argument(flag, type=_typed(kind, flag) if kind is not str else str,
                        default=None, help=text + shown)
 

@@ -18,6 +18,7 @@ OBJECTIVES = ("quadratic", "tridiag", "logistic", "charlm")
 DELAY_SOURCES = ("uniform", "max", "zero", "pd", "ledger")
 ORDERS = ("static", "dynamic")
 DEVICES = ("cpu", "cuda")
+TRANSPORTS = ("staged", "direct", "ipc")
 WAITS = ("auto", "spin", "polite")
 _FAULT = re.compile(r"(raise|stall):\d+:\d+")
 
@@ -142,10 +143,14 @@ class RuntimeConfig:
     timeout: float = 60.0         # seconds a receive may wait before the job aborts
     op_cost: float = 0.0          # seconds each F/B is held (emulated compute), 0 = none
     fault: str = ""               # testing aid: "raise:RANK:OP" or "stall:RANK:OP"
+    transport: str = "staged"     # cuda: how device buffers move between stages (docs/GPU.md)
+    gpu_aware_mpi: bool = False   # cuda: the MPI library takes device buffers (direct)
+    gpus_per_node: int = 0        # cuda: devices used per node, 0 = every visible one
 
     def __post_init__(self) -> None:
         _choice("--order", self.order, ORDERS)
         _choice("--device", self.device, DEVICES)
+        self._check_gpu()
         _choice("--wait", self.wait, WAITS)
         _positive("--timeout", self.timeout)
         if not isinstance(self.op_cost, (int, float)) or self.op_cost < 0:
@@ -153,6 +158,27 @@ class RuntimeConfig:
         if self.fault and not _FAULT.fullmatch(self.fault):
             raise ConfigError("--fault", f"must be raise:RANK:OP or stall:RANK:OP "
                                          f"(got {self.fault!r})")
+
+    def _check_gpu(self) -> None:
+        _choice("--transport", self.transport, TRANSPORTS)
+        if not isinstance(self.gpu_aware_mpi, bool):
+            raise ConfigError("--gpu-aware-mpi", f"must be true or false "
+                                                 f"(got {self.gpu_aware_mpi!r})")
+        _int_at_least("--gpus-per-node", self.gpus_per_node, 0)
+        if self.device == "cpu":
+            for flag, value, default in (("--transport", self.transport, "staged"),
+                                         ("--gpu-aware-mpi", self.gpu_aware_mpi, False),
+                                         ("--gpus-per-node", self.gpus_per_node, 0)):
+                if value != default:
+                    raise ConfigError(flag, f"only --device cuda uses it (got {value!r} "
+                                            f"with --device cpu)")
+        if self.transport == "direct" and not self.gpu_aware_mpi:
+            raise ConfigError("--transport", "direct hands device buffers to MPI and needs "
+                                             "--gpu-aware-mpi (a CUDA-aware MPI library)")
+        if self.gpu_aware_mpi and self.transport != "direct":
+            raise ConfigError("--gpu-aware-mpi", f"goes with --transport direct (got "
+                                                 f"--transport {self.transport}); staged and "
+                                                 f"ipc work with any MPI")
 
 
 @dataclass(frozen=True)

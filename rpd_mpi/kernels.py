@@ -2,17 +2,21 @@
 
 Each kernel has a plain numpy reference next to it (`*_ref`) and a test that they agree.
 `cache=True` keeps compiled code between runs; NUMBA_CACHE_DIR may point it at node-local
-scratch on a cluster (several ranks starting at once share the cache safely).
+scratch on a cluster (several ranks starting at once share the cache safely). Without numba
+installed (e.g. a GPU machine with only cupy), each kernel name is bound to its reference.
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+try:
+    import numba
+except ImportError:       # no numba: the numpy references run (see the end of this module)
+    numba = None
 
-@numba.njit(cache=True, fastmath=True)
-def shift_prediction(cols: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray,
+
+def _shift_prediction(cols: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray,
                      w: np.ndarray) -> None:
     """w += scale * delta and p += scale * cols @ delta (cols: contiguous n x m block).
 
@@ -33,3 +37,7 @@ def shift_prediction_ref(cols: np.ndarray, delta: np.ndarray, scale: float, p: n
     """numpy reference of `shift_prediction`."""
     w += scale * delta
     p += scale * (cols @ delta)
+
+
+shift_prediction = (numba.njit(cache=True, fastmath=True)(_shift_prediction)
+                    if numba is not None else shift_prediction_ref)

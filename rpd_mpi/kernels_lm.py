@@ -1,6 +1,6 @@
 """numba CPU kernels of the character language model, with array-module references.
 
-Each kernel `name` (a `@numba.njit(cache=True)` loop over contiguous float arrays, with
+Each kernel `name` (a `@_njit(cache=True)` loop over contiguous float arrays, with
 numpy's error model: divisions are not checked for zero) has a reference `name_ref` written
 for an array module `xp` (numpy, or cupy later) that computes the same values; tests require
 agreement to 1e-10 in float64. `kernel(name, xp)` picks what the model calls: the numba
@@ -12,7 +12,8 @@ Shapes: rows are flattened leading axes. LayerNorm x (n, c); GELU any contiguous
 as 1-D; cross-entropy logits (n, v) with int targets (n,); causal softmax scores (m, t, t);
 embedding scatter ids (n,) and rows g (n, c). cupy is imported only when a cupy array
 arrives (`array_module`); importing this module compiles nothing until a kernel is called
-(or loads it from numba's cache).
+(or loads it from numba's cache). Without numba installed (a GPU machine may have only cupy)
+the kernels stay plain Python functions and `kernel` always picks the references.
 """
 
 from __future__ import annotations
@@ -21,8 +22,22 @@ import math
 from types import ModuleType
 from typing import Any, Callable
 
-import numba
 import numpy as np
+
+try:
+    import numba
+except ImportError:       # no numba: `kernel` picks the references
+    numba = None
+
+HAVE_NUMBA = numba is not None
+
+
+def _njit(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """numba.njit(**options), or leave the function as it is when numba is missing."""
+    if numba is None:
+        return lambda fn: fn
+    return numba.njit(**options)
+
 
 GELU_K = math.sqrt(2.0 / math.pi)
 GELU_C = 0.044715
@@ -38,7 +53,7 @@ def array_module(x: Any) -> ModuleType:
 
 # ----- LayerNorm ------------------------------------------------------------------------
 
-@numba.njit(cache=True, error_model="numpy")
+@_njit(cache=True, error_model="numpy")
 def layernorm_forward(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(y, mean, rstd): y = (x - mean) * rstd * g + b over the last axis of x (n, c)."""
@@ -67,7 +82,7 @@ def layernorm_forward_ref(x: Any, g: Any, b: Any, eps: float) -> tuple[Any, Any,
     return d * rstd[:, None] * g + b, mean, rstd
 
 
-@numba.njit(cache=True, error_model="numpy")
+@_njit(cache=True, error_model="numpy")
 def layernorm_backward(gy: np.ndarray, x: np.ndarray, g: np.ndarray, mean: np.ndarray,
                        rstd: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gx, gg, gb) of LayerNorm: gx = rstd (gh - mean(gh) - xh mean(gh xh)), gh = gy g."""
@@ -103,7 +118,7 @@ def layernorm_backward_ref(gy: Any, x: Any, g: Any, mean: Any, rstd: Any
 
 # ----- GELU (tanh approximation, as GPT-2) ------------------------------------------------
 
-@numba.njit(cache=True, error_model="numpy")
+@_njit(cache=True, error_model="numpy")
 def gelu_forward(u: np.ndarray) -> np.ndarray:
     """0.5 u (1 + tanh(z)) = u sigmoid(2 z), z = k (u + c u^3), elementwise on 1-D u
     (the sigmoid form: scalar exp is much cheaper than scalar tanh)."""
@@ -119,7 +134,7 @@ def gelu_forward_ref(u: Any) -> Any:
     return 0.5 * u * (1.0 + xp.tanh(GELU_K * (u + GELU_C * u * u * u)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@_njit(cache=True, error_model="numpy")
 def gelu_backward(u: np.ndarray, ga: np.ndarray) -> np.ndarray:
     """ga * gelu'(u) elementwise on 1-D arrays; with s = sigmoid(2 z):
     gelu' = s + 2 u s (1 - s) z'  (= 0.5 (1 + t) + 0.5 u (1 - t^2) z', t = tanh z)."""
@@ -140,7 +155,7 @@ def gelu_backward_ref(u: Any, ga: Any) -> Any:
 
 # ----- softmax cross-entropy -------------------------------------------------------------
 
-@numba.njit(cache=True, error_model="numpy")
+@_njit(cache=True, error_model="numpy")
 def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
     """(mean_i -log softmax(logits_i)[t_i], its gradient (softmax - onehot) / n)."""
     n, v = logits.shape
@@ -179,7 +194,7 @@ def softmax_xent_ref(logits: Any, targets: Any) -> tuple[float, Any]:
 
 # ----- causal attention softmax ------------------------------------------------------------
 
-@numba.njit(cache=True, error_model="numpy")
+@_njit(cache=True, error_model="numpy")
 def causal_softmax_forward(s: np.ndarray, scale: float) -> np.ndarray:
     """att[m, i, j] = softmax_j<=i(scale s[m, i, j]), zero above the diagonal; s (m, t, t)."""
     mm, t, _ = s.shape
@@ -211,7 +226,7 @@ def causal_softmax_forward_ref(s: Any, scale: float) -> Any:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@_njit(cache=True, error_model="numpy")
 def causal_softmax_backward(att: np.ndarray, g_att: np.ndarray, scale: float) -> np.ndarray:
     """g_s = scale att (g_att - sum_j att g_att) on j <= i, zero above the diagonal."""
     mm, t, _ = att.shape
@@ -233,7 +248,7 @@ def causal_softmax_backward_ref(att: Any, g_att: Any, scale: float) -> Any:
 
 # ----- embedding scatter-add -------------------------------------------------------------
 
-@numba.njit(cache=True, error_model="numpy")
+@_njit(cache=True, error_model="numpy")
 def embedding_backward(ids: np.ndarray, g: np.ndarray, vocab: int) -> np.ndarray:
     """g_table[v] = sum of the rows g[i] with ids[i] == v; ids (n,), g (n, c)."""
     n, c = g.shape
@@ -275,4 +290,4 @@ NUMBA_FASTER: frozenset[str] = frozenset(KERNELS) - {"softmax_xent"}
 def kernel(name: str, xp: ModuleType) -> Callable[..., Any]:
     """The implementation of `name` the model runs for arrays of module `xp`."""
     fast, ref = KERNELS[name]
-    return fast if xp is np and name in NUMBA_FASTER else ref
+    return fast if xp is np and HAVE_NUMBA and name in NUMBA_FASTER else ref

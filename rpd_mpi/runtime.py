@@ -5,6 +5,8 @@ the simulator's); `--order dynamic` applies the 1F1B choice rule (`schedule.choo
 what has actually arrived. Ops dispatch through a handler table; weight stashing as in the
 simulator; every op is stamped with MPI.Wtime() (start, end, seconds blocked waiting) and
 written, with the rank's updates and block snapshots, to the rank's part file as it goes.
+With `--device cuda` the rank's blocks, stash and activations live on its GPU (`backend`),
+the links come from `comm_gpu`, and snapshots and LocalSGD averages go through the host.
 
 Stages compute (objectives), comm moves bytes, this module decides when.
 """
@@ -18,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rpd_mpi.backend import CPU, Backend
 from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter, wtime
 from rpd_mpi.ledger import PART_UPDATE_DTYPE, RankPart
 from rpd_mpi.records import AVG, BWD, EVENT_DTYPE, FWD, IDLE
@@ -46,8 +49,8 @@ class Recorder:
     """This rank's events, updates and snapshots, buffered and appended to its part file."""
 
     def __init__(self, part: RankPart, comm: Comm, t0: float, block_size: int,
-                 every: int = 1) -> None:
-        self.part, self.t0 = part, t0
+                 every: int = 1, host: Callable[[Any], np.ndarray] = np.asarray) -> None:
+        self.part, self.t0, self.host = part, t0, host      # host: device block -> numpy
         self.ids = (comm.rank, comm.group, comm.stage)
         self.events: list[tuple] = []
         self.updates: list[tuple] = []
@@ -75,7 +78,7 @@ class Recorder:
         """The block of model copy `copy` as it is from time t on."""
         self.taken[copy] = version
         self.snap["time"], self.snap["version"], self.snap["copy"] = t - self.t0, version, copy
-        self.snap["block"][0] = block
+        self.snap["block"][0] = self.host(block)
         self.part.append_snapshots(self.snap)
 
     def flush_rows(self) -> None:
@@ -112,18 +115,24 @@ class StageRunner:
     """One rank = one stage (of one group): block, stash, links, handlers."""
 
     def __init__(self, cfg: Any, model: Any, comm: Comm, tl: Timeline, part: RankPart,
-                 waiter: Waiter, t0: float) -> None:
+                 waiter: Waiter, t0: float, backend: Backend = CPU, links: Any = None
+                 ) -> None:
         self.cfg, self.model, self.comm, self.tl = cfg, model, comm, tl
         self.S, self.s, self.g = tl.stages, comm.stage, comm.group
         self.G, self.R = cfg.schedule.groups, tl.trajectories
+        self.backend = backend
+        self.recv_link, self.send_link = (links.recv, links.send) if links else (RecvLink,
+                                                                                 SendLink)
         sl = model.slices[self.s]
-        self.W = np.tile(model.init_weights()[sl], (self.R, 1))   # one block per trajectory
+        # one block per trajectory (CPU: to_device returns the array itself)
+        self.W = backend.to_device(np.tile(model.init_weights()[sl], (self.R, 1)))
         self.version = [0] * self.R
         self.mod = model.make_stage(self.s, self.g)
         self.stash: dict[int, tuple] = {}
         self.losses: dict[int, tuple[float, Any]] = {}
         self.flush = FlushBuffer(tl.flush, tl.microbatches)
-        self.rec = Recorder(part, comm, t0, sl.stop - sl.start, cfg.eval_every)
+        self.rec = Recorder(part, comm, t0, sl.stop - sl.start, cfg.eval_every,
+                            backend.to_host)
         self.waiter, self.op_cost = waiter, cfg.runtime.op_cost
         self.handlers: dict[int, Callable[[int], None]] = {
             FWD: self.forward, BWD: self.backward, AVG: self.average}
@@ -135,13 +144,14 @@ class StageRunner:
     def _links(self) -> None:
         shape, s, c = self.model.activation_shape(self.s), self.s, self.comm
         fslot, bslot = self.tl.op_slots(FWD), self.tl.op_slots(BWD)
-        self.act_in = RecvLink(c.act_comm, s - 1, shape, int((fslot[:, s] >= 0).sum()),
-                               self.waiter, "activation") if s > 0 else None
-        self.grad_in = RecvLink(c.grad_comm, s + 1, shape, int((bslot[:, s] >= 0).sum()),
-                                self.waiter, "gradient") if s < self.S - 1 else None
-        self.act_out = SendLink(c.act_comm, s + 1, shape, self.waiter, "activation") \
+        recv, send = self.recv_link, self.send_link
+        self.act_in = recv(c.act_comm, s - 1, shape, int((fslot[:, s] >= 0).sum()),
+                           self.waiter, "activation") if s > 0 else None
+        self.grad_in = recv(c.grad_comm, s + 1, shape, int((bslot[:, s] >= 0).sum()),
+                            self.waiter, "gradient") if s < self.S - 1 else None
+        self.act_out = send(c.act_comm, s + 1, shape, self.waiter, "activation") \
             if s < self.S - 1 else None
-        self.grad_out = SendLink(c.grad_comm, s - 1, shape, self.waiter, "gradient") \
+        self.grad_out = send(c.grad_comm, s - 1, shape, self.waiter, "gradient") \
             if s > 0 else None
         # with a slot budget, send only what the peer will consume before the budget ends
         self.next_fwd = fslot[:, s + 1] >= 0 if s < self.S - 1 else None
@@ -212,8 +222,10 @@ class StageRunner:
         """LocalSGD round end: mean over this rank's R copies, then over the stage's groups."""
         start = wtime()
         mean = self.W.mean(axis=0)
-        if self.G > 1:
-            self.comm.allreduce_mean(mean, self.G)
+        if self.G > 1:               # over the host (CPU: to_host/to_device are no-ops)
+            host = self.backend.to_host(mean)
+            self.comm.allreduce_mean(host, self.G)
+            mean = self.backend.to_device(host)
         self.W[:] = mean
         end = wtime()
         for r in range(self.R):

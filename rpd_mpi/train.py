@@ -2,6 +2,8 @@
 
 1. Every rank validates the configuration and the world size identically; the ranks agree
    (one allreduce) before any pipeline message, and the lowest failing rank prints the error.
+   With `--device cuda` a second round picks each rank's GPU (`backend.select` by local
+   rank) and checks the transport (IPC: one node; direct: what the MPI library says).
 2. Each rank runs its `StageRunner`, writing `<out>.rankNNNNN.part` as it goes.
 3. Rank 0 assembles the run file from the parts (global order by measured completion time,
    measured delays, objective over wall time from block snapshots) and removes the parts.
@@ -30,6 +32,9 @@ from rpd_mpi.runtime import StageRunner, snapshot_dtype
 from rpd_mpi.sim import Trace
 
 
+GPU_METHODS = ("pd", "localsgd")     # the StageRunner methods run and tested on --device cuda
+
+
 def check_world(cfg: RunConfig, size: int) -> None:
     sch = cfg.schedule
     need = sch.stages * sch.groups
@@ -43,8 +48,45 @@ def check_world(cfg: RunConfig, size: int) -> None:
     if cfg.runtime.order == "dynamic" and sch.budget_slots:
         raise ConfigError("--budget-slots", "is a unit-time budget; with --order dynamic "
                                             "give --microbatches instead")
-    if cfg.runtime.device != "cpu":
-        raise ConfigError("--device", "cuda is not available yet; allowed: cpu")
+    if cfg.runtime.device == "cuda":
+        if sch.method not in GPU_METHODS:
+            raise ConfigError("--device", f"cuda runs --method {' or '.join(GPU_METHODS)} "
+                                          f"(static or dynamic order); --method {sch.method} "
+                                          f"runs on --device cpu only")
+        if cfg.objective.name != "charlm":
+            raise ConfigError("--device", f"cuda runs --objective charlm; the block-linear "
+                                          f"{cfg.objective.name} objective is numpy-only")
+
+
+def _device(cfg: RunConfig, comm: commlib.Comm) -> tuple[Any, Any, dict[str, Any]]:
+    """(backend, links, ledger info) of this rank for --device cuda. The collectives come
+    first, so that every rank reaches them before any check can fail."""
+    from rpd_mpi import backend as backendlib
+    from rpd_mpi import comm_gpu
+    rt = cfg.runtime
+    local = comm_gpu.local_rank(comm.world)
+    one_node = commlib.node_size() == comm.size
+    be = backendlib.select(rt.device, local, rt.gpus_per_node or None)
+    info = {**be.describe(), "transport": rt.transport}
+    if rt.transport == "ipc" and not one_node:
+        raise ConfigError("--transport", "ipc needs every rank on one node (CUDA IPC "
+                                         "handles do not cross nodes); use staged")
+    if rt.transport == "direct":
+        aware, how = comm_gpu.cuda_aware_mpi()
+        if aware is False:
+            raise ConfigError("--gpu-aware-mpi", f"the MPI library says it is not "
+                                                 f"CUDA-aware ({how}); use --transport "
+                                                 f"staged or ipc")
+        info["cuda_aware_mpi"] = how
+    return be, comm_gpu.make_links(rt.transport, be.xp), info
+
+
+def _agree(comm: commlib.Comm, error: ConfigError | None) -> bool:
+    """True when no rank failed; else the lowest failing rank prints its error."""
+    failed = comm.first_failure(error is not None)
+    if failed >= 0 and comm.rank == failed:
+        print(f"rpd-mpi: error: {error}", file=sys.stderr)
+    return failed < 0
 
 
 def _prepare(cfg: RunConfig, comm: commlib.Comm) -> tuple[Any, Any]:
@@ -64,13 +106,18 @@ def train(make_config: Callable[[], RunConfig], as_json: bool = False) -> int:
         model, tl = _prepare(cfg, comm)
     except ConfigError as err:
         error = err
-    failed = comm.first_failure(error is not None)
-    if failed >= 0:
-        if comm.rank == failed:
-            print(f"rpd-mpi: error: {error}", file=sys.stderr)
+    if not _agree(comm, error):
         return 2
+    device = None
+    if cfg.runtime.device != "cpu":        # every rank has the same valid configuration
+        try:
+            device = _device(cfg, comm)
+        except ConfigError as err:
+            error = err
+        if not _agree(comm, error):
+            return 2
     try:
-        record = _run(cfg, comm, model, tl)
+        record = _run(cfg, comm, model, tl, device)
     except BaseException as err:    # one rank's failure ends the job, printed once here
         sys.stderr.write(f"rpd-mpi: rank {comm.rank} (group {comm.group}, stage "
                          f"{comm.stage}): {type(err).__name__}: {err}\n")
@@ -87,7 +134,8 @@ def train(make_config: Callable[[], RunConfig], as_json: bool = False) -> int:
     return 0
 
 
-def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any) -> RunRecord | None:
+def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any,
+         device: tuple[Any, Any, dict[str, Any]] | None = None) -> RunRecord | None:
     comm.split(cfg.schedule.stages)
     waiter = commlib.Waiter(commlib.auto_strategy(cfg.runtime.wait), cfg.runtime.timeout)
     sl = model.slices[comm.stage]
@@ -95,10 +143,13 @@ def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any) -> RunRecord |
                   snapshot_dtype=snapshot_dtype(sl.stop - sl.start)) as part:
         offset = comm.clock_offset()
         t0 = comm.start_time() - offset        # rank 0's t = 0, read on this rank's clock
-        losses = _execute(cfg, model, comm, tl, part, waiter, t0)
-    meta = comm.gather({"host": commlib.processor_name() or socket.gethostname(),
-                        "blocked": waiter.blocked, "strategy": waiter.polite,
-                        "clock_offset": offset, "losses": losses})
+        losses = _execute(cfg, model, comm, tl, part, waiter, t0, device)
+    mine = {"host": commlib.processor_name() or socket.gethostname(),
+            "blocked": waiter.blocked, "strategy": waiter.polite,
+            "clock_offset": offset, "losses": losses}
+    if device is not None:
+        mine["device"] = device[2]
+    meta = comm.gather(mine)
     comm.barrier()          # every part is closed and complete
     if comm.rank != 0:
         return None
@@ -106,14 +157,16 @@ def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any) -> RunRecord |
 
 
 def _execute(cfg: RunConfig, model: Any, comm: commlib.Comm, tl: Any, part: RankPart,
-             waiter: commlib.Waiter, t0: float) -> np.ndarray | None:
+             waiter: commlib.Waiter, t0: float,
+             device: tuple[Any, Any, dict[str, Any]] | None = None) -> np.ndarray | None:
     """Run this rank's share; RPD's last stage returns every iteration's loss."""
     if cfg.schedule.method == "rpd":
         plan, delta, _ = rpd_setup(cfg, model, tl)
         runner = RPDRunner(cfg, model, comm, plan, delta, part, waiter, t0)
         runner.run()
         return runner.losses if comm.stage == comm.stages - 1 else None
-    runner = StageRunner(cfg, model, comm, tl, part, waiter, t0)
+    on_gpu = {} if device is None else {"backend": device[0], "links": device[1]}
+    runner = StageRunner(cfg, model, comm, tl, part, waiter, t0, **on_gpu)
     if cfg.runtime.order == "static":
         runner.run_static(stage_program(tl, comm.stage))
     else:
@@ -144,6 +197,8 @@ def assemble(cfg: RunConfig, model: Any, tl: Any, size: int, meta: list[dict]) -
              "blocked_seconds": [m["blocked"] for m in meta],
              "clock_offsets": [m["clock_offset"] for m in meta],
              "op_cost": cfg.runtime.op_cost}
+    if cfg.runtime.device != "cpu":
+        extra["gpus"] = [m["device"] for m in meta]
     return to_record(cfg, model, trace, tl, engine="mpi", delta=delta, extra=extra)
 
 

@@ -69,19 +69,26 @@ def fill_losses(rows: np.ndarray, stages: int) -> None:
 
 def objective_curve(model: Any, snaps: list[np.ndarray], times: np.ndarray,
                     every: int, copies: int) -> tuple[Objective, np.ndarray]:
-    """f at t = 0 and whenever `every` more updates have completed (by end time `times`), from
-    the latest snapshot of each (stage, copy) at that time, averaged over copies. Returns the
-    curve and the final full vector."""
+    """f at t = 0, whenever `every` more updates have completed (by end time `times`), and at
+    the end, from the latest snapshot of each (stage, copy) at that time, averaged over
+    copies. The final point (and the returned final vector) uses every copy's last snapshot
+    whatever its time stamp, so clock skew between ranks cannot drop a last update."""
     times = np.sort(times)
     w = model.init_weights()
     split = [[rows[rows["copy"] == c] for c in range(copies)] for rows in snaps]
-    points = sorted(set(range(every, times.size + 1, every)) | {times.size} - {0})
+    points = sorted(set(range(every, times.size, every)) - {0})
     obj_t, obj_k, obj_v = [0.0], [0], [model.full_objective(w)]
     for k in points:
         w = _weights_at(model, split, float(times[k - 1]))
         obj_t.append(float(times[k - 1]))
         obj_k.append(k)
         obj_v.append(model.full_objective(w))
+    w = _weights_at(model, split, np.inf)
+    stamps = [float(times[-1])] if times.size else []
+    stamps += [float(r["time"].max()) for r in snaps if r.size]
+    obj_t.append(max(stamps, default=0.0))
+    obj_k.append(int(times.size))
+    obj_v.append(model.full_objective(w))
     return Objective(np.array(obj_t), np.array(obj_k, np.int64), np.array(obj_v)), w
 
 

@@ -20,8 +20,10 @@ OBJ = ObjectiveConfig(name="logistic", dim=9, examples=24, batch_size=4)
 
 
 def _close(a_blocks, b_blocks, rel: float = 1e-12) -> bool:
-    return all(np.abs(a - b).max() <= rel * max(1.0, np.abs(b).max())
-               for a, b in zip(a_blocks, b_blocks))
+    diffs = [float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+             for a, b in zip(a_blocks, b_blocks)]
+    assert max(diffs) <= rel, f"final blocks differ by {diffs} (relative)"
+    return True
 
 
 def _localsgd(out: Path, stages: int, groups: int, R: int, H: int, N: int) -> RunConfig:

@@ -18,7 +18,7 @@ from tools.experiments import Outcome, Settings
 from tools.presets import Tuned, make_cfg, plot_tuned, tune
 
 PAPER_SLOTS = 2078
-LM_GRID, QUICK_LM_GRID = (-4, 0), (-3, -1)
+LM_GRID, QUICK_LM_GRID = (-3, -1), (-3, -1)   # plain SGD on the LM: best near 2^-3..2^-1
 
 
 def _objective(st: Settings, full: bool) -> ObjectiveConfig:
@@ -26,7 +26,7 @@ def _objective(st: Settings, full: bool) -> ObjectiveConfig:
         return ObjectiveConfig(name="charlm", width=256, heads=8, context=128, batch_size=8)
     if st.quick:
         return ObjectiveConfig(name="charlm", width=8, heads=2, context=8, batch_size=2)
-    return ObjectiveConfig(name="charlm", width=32, heads=2, context=32, batch_size=8)
+    return ObjectiveConfig(name="charlm", width=32, heads=2, context=16, batch_size=4)
 
 
 def run_e6(st: Settings, full: bool = False) -> Outcome:

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from rpd_mpi import __version__
 from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.delays import update_order
 from rpd_mpi.objectives import build_model
@@ -163,13 +162,12 @@ def to_record(cfg: RunConfig, model: Any, trace: Trace, tl: Timeline | None, *,
         "delta": delta, "seed": cfg.seed, "lr": cfg.lr, "objective": cfg.objective.name,
         "dim": model.dim, "examples": model.examples, "f_star": model.f_star,
         "L": model.L, "engine": engine, "order": "unit-time" if engine == "sim" else
-        cfg.runtime.order, "package_version": __version__, "mpi_library": "",
+        cfg.runtime.order, "mpi_library": "",
         "hosts": [socket.gethostname()], "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
     }
     if getattr(model, "vocab", None) is not None:
         attrs["vocab"] = "".join(model.vocab)
     attrs.update(extra or {})
-    attrs.pop("package_version")          # the ledger stamps its own
     blocks = [trace.final_weights[sl].copy() for sl in model.slices]
     keep_tl = tl is not None and sch.method != "rpd"
     return RunRecord(attrs=attrs, config=cfg.to_dict(), updates=trace.updates,

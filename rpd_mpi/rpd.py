@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -91,8 +91,10 @@ class BlockHistory:
 
 
 def simulate_rpd(model: Any, lr: float, plan: RPDPlan, *, delta: int,
-                 clock: np.ndarray | None = None, eval_every: int = 1) -> Trace:
-    """Run RPD for len(plan.stage) iterations. `clock[k]` is the time (slots) of update k."""
+                 clock: np.ndarray | None = None, eval_every: int = 1,
+                 progress: Callable[[int], None] | None = None) -> Trace:
+    """Run RPD for len(plan.stage) iterations. `clock[k]` is the time (slots) of update k;
+    `progress(updates_done)` is called after every update when given."""
     S, K = model.stages, plan.stage.size
     w = model.init_weights()
     hist = [BlockHistory(w[sl], delta) for sl in model.slices]
@@ -107,6 +109,8 @@ def simulate_rpd(model: Any, lr: float, plan: RPDPlan, *, delta: int,
         stale = hist[s_k].version - reads[s_k][1]
         hist[s_k].push(w[model.slices[s_k]], k)
         rows.append((s_k, m_k, reads[s_k][1], stale, loss, math.sqrt(float(g_w @ g_w))))
+        if progress is not None:
+            progress(k + 1)
         if _evaluate_now(time, k, eval_every):
             obj[0].append(time[k])
             obj[1].append(k + 1)

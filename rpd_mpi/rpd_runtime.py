@@ -21,7 +21,8 @@ from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter, wtime
 from rpd_mpi.ledger import RankPart
 from rpd_mpi.records import BWD, FWD
 from rpd_mpi.rpd import BlockHistory, RPDPlan
-from rpd_mpi.runtime import Progress, Recorder, hold
+from rpd_mpi.progress import Progress
+from rpd_mpi.runtime import Recorder, hold
 
 
 class RPDRunner:

@@ -16,6 +16,7 @@ import numpy as np
 from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.delays import update_order
 from rpd_mpi.objectives import build_model
+from rpd_mpi.progress import Progress
 from rpd_mpi.records import RunRecord
 from rpd_mpi.rpd import RPDPlan, rpd_plan, simulate_rpd
 from rpd_mpi.schedule import Timeline, timeline_for
@@ -99,7 +100,8 @@ def simulate_run(cfg: RunConfig, model: Any | None = None) -> RunRecord:
         trace, delta = _rpd(cfg, model, tl)
     else:
         trace = simulate(tl, model, cfg.lr, groups=cfg.schedule.groups,
-                         eval_every=cfg.eval_every)
+                         eval_every=cfg.eval_every,
+                         progress=Progress(tl.slots, what="slots").tick)
         delta = int(trace.updates.delays.max()) if len(trace.updates) else 0
     return to_record(cfg, model, trace, tl, engine="sim", delta=delta)
 
@@ -107,7 +109,8 @@ def simulate_run(cfg: RunConfig, model: Any | None = None) -> RunRecord:
 def _rpd(cfg: RunConfig, model: Any, tl: Timeline) -> tuple[Trace, int]:
     plan, delta, clock = rpd_setup(cfg, model, tl)
     return simulate_rpd(model, cfg.lr, plan, delta=delta, clock=clock,
-                        eval_every=cfg.eval_every), delta
+                        eval_every=cfg.eval_every,
+                        progress=Progress(plan.stage.size, what="updates").tick), delta
 
 
 def rpd_setup(cfg: RunConfig, model: Any, tl: Timeline

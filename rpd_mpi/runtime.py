@@ -14,7 +14,6 @@ Stages compute (objectives), comm moves bytes, this module decides when.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ import numpy as np
 from rpd_mpi.backend import CPU, Backend
 from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter, wtime
 from rpd_mpi.ledger import PART_UPDATE_DTYPE, RankPart
+from rpd_mpi.progress import Progress
 from rpd_mpi.records import AVG, BWD, EVENT_DTYPE, FWD, IDLE
 from rpd_mpi.schedule import Timeline, choose_1f1b
 from rpd_mpi.stepping import FlushBuffer
@@ -88,27 +88,6 @@ class Recorder:
         if self.updates:
             self.part.append_updates(np.array(self.updates, dtype=PART_UPDATE_DTYPE))
             self.updates = []
-
-
-class Progress:
-    """Rank 0's progress line on a terminal (quiet when stderr is not one)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled and sys.stderr.isatty()
-        self.t0 = self.last = time.monotonic()
-
-    def tick(self, done: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 1.0 and done < self.total):
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        sys.stderr.write(f"\r[rpd-mpi] microbatches {done}/{self.total}  {rate:.1f}/s  "
-                         f"ETA {eta:.0f} s ")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 class StageRunner:

@@ -95,7 +95,8 @@ class _Engine:
     def weights(self) -> np.ndarray:
         return self.W[0] if self.W.shape[0] == 1 else self.W.mean(axis=0)
 
-    def run(self, eval_every: int) -> Objective:
+    def run(self, eval_every: int, progress: Callable[[int], None] | None = None
+            ) -> Objective:
         tl, averages = self.tl, set(self.tl.averages)
         ops = [[(int(k), s, int(m)) for s, (k, m) in enumerate(zip(tl.kind[t], tl.mb[t])) if k]
                for t in range(tl.slots)]
@@ -106,6 +107,8 @@ class _Engine:
                     self.handlers[op](g, s, mb, t)
             if t in averages:
                 self.W[:] = self.W.mean(axis=0)
+            if progress is not None:
+                progress(t + 1)
             if (t + 1) % eval_every == 0 or t == tl.slots - 1:
                 obj_t.append(t + 1)
                 obj_k.append(len(self.rows))
@@ -132,10 +135,11 @@ def _tracker(model: Any, w: np.ndarray) -> Any:
 
 
 def simulate(tl: Timeline, model: Any, lr: float, *, groups: int = 1,
-             eval_every: int = 1) -> Trace:
-    """Execute `tl` on `model` with step size `lr`; `groups` pipelines average together."""
+             eval_every: int = 1, progress: Callable[[int], None] | None = None) -> Trace:
+    """Execute `tl` on `model` with step size `lr`; `groups` pipelines average together.
+    `progress(slots_done)` is called after every slot when given."""
     eng = _Engine(tl, model, lr, groups)
-    objective = eng.run(eval_every)
+    objective = eng.run(eval_every, progress)
     updates = _updates(eng.rows, tl, groups)
     return Trace(updates, objective, eng.weights().copy(), sim_events(tl, groups, eng.fversion))
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter, wtime
-from rpd_mpi.ledger import RankPart
+from rpd_mpi.ledger_parts import RankPart
 from rpd_mpi.records import BWD, FWD
 from rpd_mpi.rpd import BlockHistory, RPDPlan
 from rpd_mpi.progress import Progress

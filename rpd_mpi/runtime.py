@@ -21,7 +21,7 @@ import numpy as np
 
 from rpd_mpi.backend import CPU, Backend
 from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter, wtime
-from rpd_mpi.ledger import PART_UPDATE_DTYPE, RankPart
+from rpd_mpi.ledger_parts import PART_UPDATE_DTYPE, RankPart
 from rpd_mpi.progress import Progress
 from rpd_mpi.records import AVG, BWD, EVENT_DTYPE, FWD, IDLE
 from rpd_mpi.schedule import Timeline, choose_1f1b

@@ -22,7 +22,8 @@ import numpy as np
 
 from rpd_mpi import comm as commlib
 from rpd_mpi.config import ConfigError, RunConfig
-from rpd_mpi.ledger import part_path, read_part, read_part_snapshots, RankPart, write_run
+from rpd_mpi.ledger import write_run
+from rpd_mpi.ledger_parts import RankPart, part_path, read_part, read_part_snapshots
 from rpd_mpi.measured import fill_losses, global_updates, objective_curve, plan_updates
 from rpd_mpi.programs import stage_program
 from rpd_mpi.records import RunRecord

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import rpd_mpi
-from rpd_mpi import ledger, report
-from rpd_mpi.ledger import (PART_UPDATE_DTYPE, SCHEMA_VERSION, LedgerError, RankPart,
-                            read_arrays, read_part, read_run, write_run)
+from rpd_mpi import ledger, ledger_parts, report
+from rpd_mpi.ledger import SCHEMA_VERSION, LedgerError, read_arrays, read_run, write_run
+from rpd_mpi.ledger_parts import PART_UPDATE_DTYPE, RankPart, read_part
 from rpd_mpi.records import BWD, EVENT_DTYPE, FWD, IDLE, Objective, RunRecord, Updates
 
 S, K = 3, 12
@@ -196,7 +196,7 @@ def _event_rows(lo: int, hi: int) -> np.ndarray:
 
 
 def test_rank_part_appends_in_blocks(tmp_path: Path) -> None:
-    path = ledger.part_path(tmp_path / "run.h5", 3)
+    path = ledger_parts.part_path(tmp_path / "run.h5", 3)
     assert path.name == "run.h5.rank00003.part"
     rng = np.random.default_rng(1)
     cuts = np.concatenate([[0], np.sort(rng.choice(np.arange(1, 2500), 40, replace=False)),
@@ -217,7 +217,7 @@ def test_rank_part_appends_in_blocks(tmp_path: Path) -> None:
     np.testing.assert_array_equal(events["microbatch"], np.arange(2500))
     np.testing.assert_array_equal(events, _event_rows(0, 2500))
     assert updates.dtype == PART_UPDATE_DTYPE and updates.shape == (5,)
-    assert ledger.part_attrs(path)["rank"] == 3
+    assert ledger_parts.part_attrs(path)["rank"] == 3
 
 
 def test_rank_part_copies_caller_buffer_and_rejects_wrong_dtype(tmp_path: Path) -> None:

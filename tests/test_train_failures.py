@@ -72,7 +72,7 @@ def test_stall_on_one_rank_times_out_with_who_waits_for_what(tmp_path: Path) -> 
 
 
 def test_parts_of_a_failed_run_are_marked_incomplete(tmp_path: Path) -> None:
-    from rpd_mpi.ledger import part_attrs, part_path
+    from rpd_mpi.ledger_parts import part_attrs, part_path
     out = tmp_path / "inc.h5"
     launch(2, *ARGS, "--stages", "2", "--fault", "raise:1:4", "--out", str(out))
     p = part_path(out, 1)

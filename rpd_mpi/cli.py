@@ -46,7 +46,8 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--context": ("objective", "context", int, "charlm: characters per window (paper: 128)"),
     "--lr": ("", "lr", float, "step size"),
     "--seed": ("", "seed", int, "random seed"),
-    "--eval-every": ("", "eval_every", int, "objective cadence in slots"),
+    "--eval-every": ("", "eval_every", int, "objective cadence: slots (simulate), "
+                     "block updates (train, rpd)"),
     "--out": ("", "out", str, "ledger file to write"),
 }
 TRAIN_FLAGS: dict[str, tuple[str, str, type, str]] = {

@@ -1,4 +1,4 @@
-"""The communication layer: the only module that imports mpi4py.
+"""The communication layer: with comm_gpu (device links), the only modules that import mpi4py.
 
 Owns communicators (Dup of COMM_WORLD once; Split into a pipeline communicator per group and
 a stage communicator per stage), the wait strategy (`Waiter`: spin or polite), and the
@@ -6,8 +6,8 @@ point-to-point `Link`s that move activations and gradients through preallocated 
 nonblocking, buffer-protocol calls posted ahead of use. Every message carries its microbatch
 id in a header element; a mismatch raises instead of silently corrupting a run.
 
-Importing this module initialises MPI (that is what importing mpi4py.MPI does); nothing else
-in the package imports it except the runtime, which the CLI loads only for `train`.
+Importing this module initialises MPI (that is what importing mpi4py.MPI does); only the
+`train` path imports it (train, runtime, rpd_runtime, comm_gpu), never `simulate` or analysis.
 """
 
 from __future__ import annotations

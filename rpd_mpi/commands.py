@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any, Callable
 
 from rpd_mpi.config import ConfigError, ScheduleConfig
@@ -16,15 +15,6 @@ from rpd_mpi.config import ConfigError, ScheduleConfig
 
 def run(args: argparse.Namespace) -> int:
     return HANDLERS[args.command](args)
-
-
-def _check_out(path: str) -> None:
-    """Fail before any work if the ledger cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError("--out", f"directory {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError("--out", f"directory {folder} is not writable")
 
 
 def _print_summary(record: Any, as_json: bool, out: str = "") -> None:
@@ -41,9 +31,9 @@ def _print_summary(record: Any, as_json: bool, out: str = "") -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from rpd_mpi.cli import FLAGS, config_from
     from rpd_mpi.ledger import write_run
-    from rpd_mpi.runs import build, simulate_run
+    from rpd_mpi.runs import build, check_out, simulate_run
     cfg = config_from(args, FLAGS)
-    _check_out(cfg.out)
+    check_out(cfg.out)
     model = build(cfg)
     record = simulate_run(cfg, model)
     write_run(cfg.out, record)
@@ -54,17 +44,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from rpd_mpi.cli import FLAGS, TRAIN_FLAGS, config_from
     from rpd_mpi.train import train
-    return train(lambda: config_from(args, {**FLAGS, **TRAIN_FLAGS}), args.json)
+    return train(lambda: config_from(args, {**FLAGS, **TRAIN_FLAGS}),
+                 lambda record: _print_summary(record, args.json, record.config["out"]))
 
 
 def _schedule_config(args: argparse.Namespace, default_n: Callable[[int], int]) -> ScheduleConfig:
-    stages = 4 if args.stages is None else args.stages
-    if isinstance(stages, int) and stages < 1:
-        raise ConfigError("--stages", f"must be an integer >= 1 (got {stages})")
-    n = default_n(stages) if args.microbatches is None else args.microbatches
-    return ScheduleConfig(method=args.method, stages=stages, microbatches=n,
-                          noam=args.noam or 0, trajectories=args.trajectories or 1,
-                          local_steps=args.local_steps or 1, flush=args.flush or 0)
+    given = {name: getattr(args, name) for name in
+             ("stages", "noam", "trajectories", "local_steps", "flush")}
+    values = {k: v for k, v in given.items() if v is not None}
+    stages = values.setdefault("stages", 4)
+    n = args.microbatches
+    if n is None:
+        n = default_n(stages) if isinstance(stages, int) and stages > 0 else 1
+    return ScheduleConfig(method=args.method, microbatches=n, **values)
 
 
 def _timeline(sch: ScheduleConfig) -> Any:
@@ -91,7 +83,8 @@ def cmd_delays(args: argparse.Namespace) -> int:
     from rpd_mpi.delays import delay_stats, pd_steady_max
     tl = _timeline(_schedule_config(args, lambda s: 10 * s))
     stats = delay_stats(tl)
-    stats["formula_max"] = pd_steady_max(tl.stages) if tl.method == "pd" else None
+    closed_form = tl.method == "pd" and tl.noam == tl.stages   # S^2 - S/2 holds for NOAM = S
+    stats["formula_max"] = pd_steady_max(tl.stages) if closed_form else None
     if args.json:
         print(json.dumps(stats))
     else:

@@ -191,7 +191,7 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     lr: float = 2.0 ** -6
     seed: int = 0
-    eval_every: int = 1           # objective cadence, in slots (or updates without a clock)
+    eval_every: int = 1           # objective cadence: slots (simulator), updates (MPI, RPD)
     out: str = "run.h5"
 
     def __post_init__(self) -> None:
@@ -209,8 +209,27 @@ class RunConfig:
         if obj.name != "charlm" and not obj.data and sch.stages > obj.dim:
             raise ConfigError("--stages", f"must be <= --dim {obj.dim} so every stage owns a "
                                           f"parameter (got {sch.stages})")
-        if self.rpd.delay_source == "ledger" and sch.method != "rpd":
-            raise ConfigError("--delay-source", "ledger is only used with --method rpd")
+        self._check_unused()
+
+    def _check_unused(self) -> None:
+        """Flags a method would silently ignore are errors (STYLE 5)."""
+        sch, rpd = self.schedule, self.rpd
+        if rpd.delay_source != "uniform" and sch.method != "rpd":
+            raise ConfigError("--delay-source", f"only --method rpd uses it "
+                                                f"(got --method {sch.method})")
+        if rpd.updates and sch.method != "rpd":
+            raise ConfigError("--updates", "only --method rpd uses it")
+        if rpd.delays_from and rpd.delay_source != "ledger":
+            raise ConfigError("--delays-from", "only --delay-source ledger uses it")
+        if rpd.delta is not None and rpd.delay_source in ("pd", "ledger"):
+            raise ConfigError("--delta", f"is the largest replayed delay with --delay-source "
+                                         f"{rpd.delay_source}; leave it out")
+        if sch.noam and sch.method not in ("pd", "rpd"):
+            raise ConfigError("--noam", f"only --method pd (and rpd's PD clock) uses it "
+                                        f"(got --method {sch.method})")
+        if sch.flush and sch.method != "gpipe":
+            raise ConfigError("--flush", f"only --method gpipe uses it (got --method "
+                                         f"{sch.method})")
 
     @property
     def delta(self) -> int:

@@ -32,7 +32,8 @@ def render(tl: Timeline, width: int = 0) -> str:
     width = width or max(2, len(str(max(tl.microbatches - 1, 0))) + 2)
     head = (f"# {tl.method} stages={tl.stages} microbatches={tl.microbatches} "
             f"slots={tl.slots} trajectories={tl.trajectories} local_steps={tl.local_steps} "
-            f"noam={tl.noam} flush={tl.flush} averages={','.join(map(str, tl.averages))}")
+            f"noam={tl.noam} flush={tl.flush} averages={','.join(map(str, tl.averages))} "
+            f"truncated={int(tl.truncated)}")
     rows = [head]
     for s in range(tl.stages):
         cells = (cell_text(int(k), int(m)) for k, m in zip(tl.kind[:, s], tl.mb[:, s]))
@@ -41,7 +42,8 @@ def render(tl: Timeline, width: int = 0) -> str:
 
 
 _HEAD = re.compile(r"# (\w+) stages=(\d+) microbatches=(\d+) slots=(\d+) trajectories=(\d+) "
-                   r"local_steps=(\d+) noam=(\d+) flush=(\d+) averages=([\d,]*)")
+                   r"local_steps=(\d+) noam=(\d+) flush=(\d+) averages=([\d,]*) "
+                   r"truncated=([01])")
 
 
 def parse(text: str) -> Timeline:
@@ -50,7 +52,7 @@ def parse(text: str) -> Timeline:
     m = _HEAD.fullmatch(lines[0].strip()) if lines else None
     if not m:
         raise ValueError("first line must be the '# <method> stages=...' header of render()")
-    method, S, N, T, R, H, noam, flush, avgs = m.groups()
+    method, S, N, T, R, H, noam, flush, avgs, cut = m.groups()
     kind = np.zeros((int(T), int(S)), dtype=np.int8)
     mb = np.full((int(T), int(S)), -1, dtype=np.int64)
     for s, line in enumerate(lines[1:]):
@@ -60,7 +62,8 @@ def parse(text: str) -> Timeline:
         for t, c in enumerate(cells):
             kind[t, s], mb[t, s] = _cell(c)
     averages = tuple(int(a) for a in avgs.split(",") if a)
-    return Timeline(kind, mb, method, int(N), int(R), int(H), int(noam), int(flush), averages)
+    return Timeline(kind, mb, method, int(N), int(R), int(H), int(noam), int(flush), averages,
+                    cut == "1")
 
 
 def _cell(c: str) -> tuple[int, int]:

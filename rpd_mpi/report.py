@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from rpd_mpi.records import IDLE, RunRecord
+from rpd_mpi.records import AVG, IDLE, RunRecord
 
 SUMMARY_KEYS = (
     "method", "stages", "groups", "trajectories", "engine", "objective", "updates", "slots",
@@ -145,7 +145,7 @@ def _per_stage(record: RunRecord, stages: int, wall: float | None) -> dict[str, 
     busy_ev = ev[ev["op"] != IDLE]
     busy = np.bincount(busy_ev["stage"], busy_ev["end"] - busy_ev["start"], minlength=stages)
     wait = np.bincount(ev["stage"], ev["wait"], minlength=stages)
-    avg = ev[ev["op"] == 3]
+    avg = ev[ev["op"] == AVG]
     return {"stage_utilization": [float(b / (groups * wall)) for b in busy],
             "stage_bubble_time": [float(groups * wall - b) for b in busy],
             "stage_wait_time": [float(w) for w in wait],

@@ -35,7 +35,8 @@ class RPDRunner:
         self.w = model.init_weights()[sl].copy()
         self.hist = BlockHistory(self.w, delta)
         self.mod = model.make_stage(self.i)
-        self.rec = Recorder(part, comm, t0, sl.stop - sl.start, cfg.eval_every)
+        self.rec = Recorder(part, comm, t0, sl.stop - sl.start,
+                            cfg.eval_every // cfg.schedule.stages)
         self.losses = np.full(plan.stage.size, np.nan)
         self.progress = Progress(plan.stage.size, comm.rank == 0)
         shape, i, K = model.activation_shape(self.i), self.i, plan.stage.size

@@ -23,13 +23,25 @@ from rpd_mpi.schedule import Timeline, timeline_for
 from rpd_mpi.sim import Trace, simulate
 
 
+def check_out(path: str) -> None:
+    """Fail before any work if the ledger cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError("--out", f"directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError("--out", f"directory {folder} is not writable")
+
+
 def load_data(path: str) -> dict[str, np.ndarray]:
     """X, y (and optional w_true, f_star) from an .npz or .h5 file; ConfigError('--data')."""
     if not os.path.isfile(path):
         raise ConfigError("--data", f"no such file: {path}")
     if path.endswith(".npz"):
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in f.files}
+        try:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as err:
+            raise ConfigError("--data", f"cannot read {path} as .npz: {err}") from None
     elif path.endswith((".h5", ".hdf5")):
         from rpd_mpi.ledger import LedgerError, read_arrays
         try:

@@ -24,7 +24,7 @@ from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter, wtime
 from rpd_mpi.ledger_parts import PART_UPDATE_DTYPE, RankPart
 from rpd_mpi.progress import Progress
 from rpd_mpi.records import AVG, BWD, EVENT_DTYPE, FWD, IDLE
-from rpd_mpi.schedule import Timeline, choose_1f1b
+from rpd_mpi.schedule import Timeline, choose_1f1b, next_turn
 from rpd_mpi.stepping import FlushBuffer
 
 
@@ -110,14 +110,15 @@ class StageRunner:
         self.stash: dict[int, tuple] = {}
         self.losses: dict[int, tuple[float, Any]] = {}
         self.flush = FlushBuffer(tl.flush, tl.microbatches)
-        self.rec = Recorder(part, comm, t0, sl.stop - sl.start, cfg.eval_every,
-                            backend.to_host)
+        self.rec = Recorder(part, comm, t0, sl.stop - sl.start,
+                            cfg.eval_every // cfg.schedule.stages, backend.to_host)
         self.waiter, self.op_cost = waiter, cfg.runtime.op_cost
         self.handlers: dict[int, Callable[[int], None]] = {
             FWD: self.forward, BWD: self.backward, AVG: self.average}
         self.progress = Progress(tl.microbatches, comm.rank == 0)
         self.fault = _parse_fault(cfg.runtime.fault, comm.rank)
         self.ops_done = 0
+        self.idle_since: float | None = None
         self._links()
 
     def _links(self) -> None:
@@ -142,8 +143,14 @@ class StageRunner:
     def _hold(self, start: float) -> None:
         hold(self.op_cost, start)
 
+    def _wait_start(self) -> float:
+        """When this op began waiting: now, or (dynamic order) when the idle wait before it
+        began, so that time blocked in `_await` is charged to the op it was waiting for."""
+        t, self.idle_since = (self.idle_since or wtime()), None
+        return t
+
     def forward(self, mb: int) -> None:
-        t_wait = wtime()
+        t_wait = self._wait_start()
         a_in = self.act_in.take(mb) if self.act_in else None
         start = wtime()
         r = mb % self.R
@@ -164,7 +171,7 @@ class StageRunner:
         self.rec.event(FWD, mb, r, v, start, wtime(), start - t_wait, sent)
 
     def backward(self, mb: int) -> None:
-        t_wait = wtime()
+        t_wait = self._wait_start()
         g_out = self.grad_in.take(mb) if self.grad_in else self.losses[mb][1]
         start = wtime()
         r, batch = mb % self.R, self.batch(mb)
@@ -228,7 +235,7 @@ class StageRunner:
     def run_dynamic(self) -> None:
         """PD 1F1B on what has arrived: F needs its activation (stage 0: NOAM), B its
         gradient; when neither is ready, wait politely for either."""
-        N, noam = self.tl.microbatches, self.tl.noam or self.S
+        N, noam = self.tl.microbatches, self.tl.noam
         nf = nb = 0
         has_b = turn_b = False
         while nb < N:
@@ -241,10 +248,11 @@ class StageRunner:
             self._inject()
             self.handlers[op](nf if op == FWD else nb)
             nf, nb = (nf + 1, nb) if op == FWD else (nf, nb + 1)
-            has_b, turn_b = (True, False) if op == BWD else (has_b, has_b)
+            has_b, turn_b = next_turn(op, has_b, turn_b)
         self.finish()
 
     def _await(self, nf: int, nb: int, N: int) -> None:
+        self.idle_since = self.idle_since or wtime()
         probes = [link.ready for link, want in ((self.act_in, nf < N), (self.grad_in, nb < nf))
                   if link is not None and want]
         self.waiter.until(probes, lambda: f"activation {nf} or gradient {nb} (dynamic order)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from rpd_mpi.records import AVG, BWD, FWD, IDLE
+from rpd_mpi.records import BWD, FWD, IDLE
 
 NEVER = np.iinfo(np.int64).max // 4   # "not finished yet" slot stamp
 METHODS = ("pd", "localsgd", "gpipe", "naive")
@@ -44,6 +44,7 @@ class Timeline:
     noam: int = 0
     flush: int = 0
     averages: tuple[int, ...] = field(default=())
+    truncated: bool = False       # cut at a slot budget: not every op is present
 
     @property
     def slots(self) -> int:
@@ -66,7 +67,7 @@ class Timeline:
             return self
         kept = tuple(a for a in self.averages if a < budget)
         return replace(self, kind=self.kind[:budget].copy(), mb=self.mb[:budget].copy(),
-                       averages=kept)
+                       averages=kept, truncated=True)
 
     def utilization(self) -> float:
         """Busy cells / all cells."""
@@ -205,7 +206,7 @@ def generate(method: str, stages: int, microbatches: int, *, noam: int = 0,
             if op == IDLE:
                 continue
             row_k[s], row_m[s] = op, mb
-            has_b[s], turn_b[s] = _next_turn(op, has_b[s], turn_b[s])
+            has_b[s], turn_b[s] = next_turn(op, has_b[s], turn_b[s])
             st.finish(op, mb, s, t)
         if isinstance(rules, LocalSGDRules) and row_k[0] == BWD and rules.round_end(row_m[0]):
             averages.append(t)
@@ -238,7 +239,7 @@ def _decide(rules: Rules, st: _State, s: int, t: int, has_b: bool, turn_b: bool
     return op, (nb if op == BWD else nf)
 
 
-def _next_turn(op: int, has_b: bool, turn_b: bool) -> tuple[bool, bool]:
+def next_turn(op: int, has_b: bool, turn_b: bool) -> tuple[bool, bool]:
     """(has_backward, turn_backward) after running `op` (DESIGN 2.1)."""
     if op == BWD:
         return True, False
@@ -270,8 +271,9 @@ def timeline_for(method: str, stages: int, microbatches: int, *, noam: int = 0,
 def validate(tl: Timeline) -> None:
     """Check every op against the family's dependency rules; raise ScheduleError if broken.
 
-    Checks: in-order ops per stage, dependencies at the slot the op runs, and (for a timeline
-    that was not truncated) that every (mb, stage) has exactly one forward and one backward.
+    Checks: in-order ops per stage, dependencies at the slot the op runs, and (unless the
+    timeline was truncated at a budget) that every (mb, stage) has exactly one forward and
+    one backward.
     """
     rules = make_rules(tl.method, tl.stages, tl.microbatches, noam=tl.noam,
                        trajectories=tl.trajectories, local_steps=tl.local_steps, flush=tl.flush)
@@ -285,10 +287,9 @@ def validate(tl: Timeline) -> None:
             if problem:
                 raise ScheduleError(f"slot {t}, stage {s}: {problem}\n{mark(tl, t, s)}")
             st.finish(op, mb, s, t)
-    done = all(n == tl.microbatches for n in st.nb)
-    if tl.slots and not done and tl.kind[-1].any() and _looks_complete(tl):
-        raise ScheduleError(f"timeline ends with unfinished microbatches: backwards per stage "
-                            f"{st.nb}, expected {tl.microbatches}")
+    if not tl.truncated and any(n != tl.microbatches for n in st.nf + st.nb):
+        raise ScheduleError(f"timeline ends with unfinished microbatches: forwards per stage "
+                            f"{st.nf}, backwards {st.nb}, expected {tl.microbatches} each")
 
 
 def _op_problem(rules: Rules, st: _State, op: int, mb: int, s: int, t: int) -> str:
@@ -304,11 +305,6 @@ def _op_problem(rules: Rules, st: _State, op: int, mb: int, s: int, t: int) -> s
     if not ready(st, mb, s, t):
         return f"{name}{mb} is not ready (its dependencies finish later)"
     return ""
-
-
-def _looks_complete(tl: Timeline) -> bool:
-    """A full (untruncated) timeline ends with the last backward on stage 0."""
-    return bool(tl.kind[-1, 0] == BWD)
 
 
 def mark(tl: Timeline, t: int, s: int, width: int = 12) -> str:

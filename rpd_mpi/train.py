@@ -28,7 +28,7 @@ from rpd_mpi.measured import fill_losses, global_updates, objective_curve, plan_
 from rpd_mpi.programs import stage_program
 from rpd_mpi.records import RunRecord
 from rpd_mpi.rpd_runtime import RPDRunner
-from rpd_mpi.runs import build, rpd_setup, schedule_of, to_record
+from rpd_mpi.runs import build, check_out, rpd_setup, schedule_of, to_record
 from rpd_mpi.runtime import StageRunner, snapshot_dtype
 from rpd_mpi.sim import Trace
 
@@ -49,6 +49,9 @@ def check_world(cfg: RunConfig, size: int) -> None:
     if cfg.runtime.order == "dynamic" and sch.budget_slots:
         raise ConfigError("--budget-slots", "is a unit-time budget; with --order dynamic "
                                             "give --microbatches instead")
+    if cfg.runtime.fault and sch.method == "rpd":
+        raise ConfigError("--fault", "fault injection runs in the PD/LocalSGD stage runner; "
+                                     "not with --method rpd")
     if cfg.runtime.device == "cuda":
         if sch.method not in GPU_METHODS:
             raise ConfigError("--device", f"cuda runs --method {' or '.join(GPU_METHODS)} "
@@ -82,30 +85,35 @@ def _device(cfg: RunConfig, comm: commlib.Comm) -> tuple[Any, Any, dict[str, Any
     return be, comm_gpu.make_links(rt.transport, be.xp), info
 
 
-def _agree(comm: commlib.Comm, error: ConfigError | None) -> bool:
+def _agree(comm: commlib.Comm, error: Exception | None) -> bool:
     """True when no rank failed; else the lowest failing rank prints its error."""
     failed = comm.first_failure(error is not None)
     if failed >= 0 and comm.rank == failed:
-        print(f"rpd-mpi: error: {error}", file=sys.stderr)
+        text = str(error) if isinstance(error, ConfigError) else \
+            f"{type(error).__name__}: {error}"
+        print(f"rpd-mpi: error: {text}", file=sys.stderr)
     return failed < 0
 
 
-def _prepare(cfg: RunConfig, comm: commlib.Comm) -> tuple[Any, Any]:
+def _prepare(cfg: RunConfig, comm: commlib.Comm) -> tuple[Any, Any, Any]:
+    """Model, timeline and (RPD) the plan: everything that can fail on bad input."""
     check_world(cfg, comm.size)
-    folder = os.path.dirname(os.path.abspath(cfg.out))
-    if not os.path.isdir(folder):
-        raise ConfigError("--out", f"directory {folder} does not exist")
-    return build(cfg), schedule_of(cfg)
+    check_out(cfg.out)
+    model, tl = build(cfg), schedule_of(cfg)
+    plan = rpd_setup(cfg, model, tl) if cfg.schedule.method == "rpd" else None
+    return model, tl, plan
 
 
-def train(make_config: Callable[[], RunConfig], as_json: bool = False) -> int:
-    """Validate (every rank), agree, run, assemble; returns the exit code."""
+def train(make_config: Callable[[], RunConfig],
+          show: Callable[[RunRecord], None] = lambda record: None) -> int:
+    """Validate (every rank), agree, run, assemble; rank 0 hands the written record to
+    `show`. Returns the exit code."""
     comm = commlib.Comm()
-    error: ConfigError | None = None
+    error: Exception | None = None
     try:
         cfg = make_config()
-        model, tl = _prepare(cfg, comm)
-    except ConfigError as err:
+        model, tl, plan = _prepare(cfg, comm)
+    except Exception as err:        # any rank's bad input stops every rank, before a message
         error = err
     if not _agree(comm, error):
         return 2
@@ -118,7 +126,7 @@ def train(make_config: Callable[[], RunConfig], as_json: bool = False) -> int:
         if not _agree(comm, error):
             return 2
     try:
-        record = _run(cfg, comm, model, tl, device)
+        record = _run(cfg, comm, model, tl, plan, device)
     except BaseException as err:    # one rank's failure ends the job, printed once here
         sys.stderr.write(f"rpd-mpi: rank {comm.rank} (group {comm.group}, stage "
                          f"{comm.stage}): {type(err).__name__}: {err}\n")
@@ -129,13 +137,12 @@ def train(make_config: Callable[[], RunConfig], as_json: bool = False) -> int:
         write_run(cfg.out, record)
         for r in range(comm.size):
             os.remove(part_path(cfg.out, r))
-        from rpd_mpi.commands import _print_summary
-        _print_summary(record, as_json, cfg.out)
+        show(record)
     comm.free()
     return 0
 
 
-def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any,
+def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any, plan: Any,
          device: tuple[Any, Any, dict[str, Any]] | None = None) -> RunRecord | None:
     comm.split(cfg.schedule.stages)
     waiter = commlib.Waiter(commlib.auto_strategy(cfg.runtime.wait), cfg.runtime.timeout)
@@ -144,9 +151,9 @@ def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any,
                   snapshot_dtype=snapshot_dtype(sl.stop - sl.start)) as part:
         offset = comm.clock_offset()
         t0 = comm.start_time() - offset        # rank 0's t = 0, read on this rank's clock
-        losses = _execute(cfg, model, comm, tl, part, waiter, t0, device)
+        losses = _execute(cfg, model, comm, tl, plan, part, waiter, t0, device)
     mine = {"host": commlib.processor_name() or socket.gethostname(),
-            "blocked": waiter.blocked, "strategy": waiter.polite,
+            "blocked": waiter.blocked, "strategy": "polite" if waiter.polite else "spin",
             "clock_offset": offset, "losses": losses}
     if device is not None:
         mine["device"] = device[2]
@@ -154,16 +161,16 @@ def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any,
     comm.barrier()          # every part is closed and complete
     if comm.rank != 0:
         return None
-    return assemble(cfg, model, tl, comm.size, meta)
+    return assemble(cfg, model, tl, plan, comm.size, meta)
 
 
-def _execute(cfg: RunConfig, model: Any, comm: commlib.Comm, tl: Any, part: RankPart,
+def _execute(cfg: RunConfig, model: Any, comm: commlib.Comm, tl: Any, plan: Any,
+             part: RankPart,
              waiter: commlib.Waiter, t0: float,
              device: tuple[Any, Any, dict[str, Any]] | None = None) -> np.ndarray | None:
     """Run this rank's share; RPD's last stage returns every iteration's loss."""
-    if cfg.schedule.method == "rpd":
-        plan, delta, _ = rpd_setup(cfg, model, tl)
-        runner = RPDRunner(cfg, model, comm, plan, delta, part, waiter, t0)
+    if plan is not None:
+        runner = RPDRunner(cfg, model, comm, plan[0], plan[1], part, waiter, t0)
         runner.run()
         return runner.losses if comm.stage == comm.stages - 1 else None
     on_gpu = {} if device is None else {"backend": device[0], "links": device[1]}
@@ -175,15 +182,15 @@ def _execute(cfg: RunConfig, model: Any, comm: commlib.Comm, tl: Any, part: Rank
     return None
 
 
-def assemble(cfg: RunConfig, model: Any, tl: Any, size: int, meta: list[dict]) -> RunRecord:
+def assemble(cfg: RunConfig, model: Any, tl: Any, plan: Any, size: int,
+             meta: list[dict]) -> RunRecord:
     """Rank 0: the run file's record from every rank's part."""
     parts = [read_part(part_path(cfg.out, r)) for r in range(size)]
     events = np.concatenate([p[0] for p in parts])
     rows = np.concatenate([p[1] for p in parts])
-    if cfg.schedule.method == "rpd":
-        plan, delta, _ = rpd_setup(cfg, model, tl)
+    if plan is not None:
         rows["loss"] = meta[-1]["losses"][rows["microbatch"]]
-        updates = plan_updates(rows, plan)
+        updates, delta = plan_updates(rows, plan[0]), plan[1]
     else:
         fill_losses(rows, cfg.schedule.stages)
         updates = global_updates(rows, events, cfg.schedule.stages)
@@ -194,7 +201,7 @@ def assemble(cfg: RunConfig, model: Any, tl: Any, size: int, meta: list[dict]) -
     trace = Trace(updates, objective, final, events)
     extra = {"mpi_library": commlib.library_version(), "world_size": size,
              "hosts": sorted({m["host"] for m in meta}),
-             "wait_strategy": "polite" if meta[0]["strategy"] else "spin",
+             "wait_strategy": [m["strategy"] for m in meta],
              "blocked_seconds": [m["blocked"] for m in meta],
              "clock_offsets": [m["clock_offset"] for m in meta],
              "op_cost": cfg.runtime.op_cost}

@@ -31,6 +31,10 @@ def rpd_mpi(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
     (["--method", "pipedream"], "--method"),
     (["--objective", "charlm", "--stages", "2"], "--stages"),
     (["--lr", "0"], "--lr"),
+    (["--method", "pd", "--delay-source", "max"], "--delay-source"),
+    (["--method", "rpd", "--delay-source", "pd", "--delta", "5"], "--delta"),
+    (["--method", "localsgd", "--trajectories", "2", "--noam", "2"], "--noam"),
+    (["--method", "pd", "--flush", "2"], "--flush"),
 ])
 def test_bad_input_is_one_line_exit_2_no_ledger(tmp_path, args, flag) -> None:
     out = tmp_path / "run.h5"

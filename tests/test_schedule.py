@@ -107,3 +107,15 @@ def test_budget_picks_smallest_n_reaching_it() -> None:
     tl = timeline_for("localsgd", 4, 0, trajectories=4, local_steps=2, budget=50)
     assert tl.slots == 50
     assert generate("localsgd", 4, tl.microbatches - 1, trajectories=4, local_steps=2).slots < 50
+
+
+def test_validator_knows_truncated_from_incomplete() -> None:
+    tl = generate("pd", 4, 12)
+    validate(tl.truncate(8))                       # a budget cut is valid
+    kind, mb = tl.kind.copy(), tl.mb.copy()
+    last = int(np.nonzero(kind[:, 0] == BWD)[0][-1])
+    kind[last, 0], mb[last, 0] = 0, -1             # the final backward is missing
+    with pytest.raises(ScheduleError, match="unfinished"):
+        validate(Timeline(kind, mb, "pd", 12, noam=4))
+    back = parse(render(tl.truncate(8)))
+    assert back.truncated and back.slots == 8

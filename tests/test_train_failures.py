@@ -50,6 +50,16 @@ def test_bad_flag_under_mpiexec_prints_once(tmp_path: Path) -> None:
     assert res.stderr.count("rpd-mpi: error: --lr") == 1
 
 
+def test_bad_replay_ledger_stops_before_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "r.h5"
+    res, _ = launch(2, *ARGS, "--stages", "2", "--method", "rpd", "--delay-source", "ledger",
+                    "--delays-from", str(tmp_path / "missing.h5"), "--out", str(out))
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("rpd-mpi")]
+    assert len(lines) == 1 and "--delays-from" in lines[0]
+    assert not list(tmp_path.iterdir())          # no part files: nothing was started
+
+
 def test_exception_on_one_rank_aborts_the_job(tmp_path: Path) -> None:
     out = tmp_path / "exc.h5"
     res, took = launch(4, *ARGS, "--stages", "4", "--fault", "raise:2:3", "--out", str(out))

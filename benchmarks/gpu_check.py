@@ -123,16 +123,8 @@ def device_facts(cp: Any) -> dict[str, Any]:
 
 def pipeline_grad(model: Any, w: Any, xp: Any, batch: int) -> tuple[float, Any]:
     """Loss of `batch` through the stage modules and the stitched block gradient."""
-    mods = [model.make_stage(s) for s in range(model.stages)]
-    a, caches = None, []
-    for mod in mods:
-        a, cache = mod.forward(w[mod.slice].copy(), a, batch)
-        caches.append(cache)
-    loss, g = mods[-1].loss(a, batch)
-    grad = xp.empty_like(w)
-    for mod in reversed(mods):
-        grad[mod.slice], g = mod.backward(w[mod.slice].copy(), caches[mod.stage], g, batch)
-    return loss, grad
+    from rpd_mpi.objectives.charlm import stage_gradient  # noqa: PLC0415
+    return stage_gradient(model, w, batch)
 
 
 def gradient_check(cp: Any, probes: int = 12, h: float = 1e-5) -> dict[str, Any]:

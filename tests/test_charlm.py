@@ -9,6 +9,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from rpd_mpi.objectives.charlm import stage_gradient
+
 from rpd_mpi.objectives import layers as L
 from rpd_mpi.objectives.charlm import (PRESETS, CharLM, build_charlm, parameter_count,
                                        stage_layout)
@@ -135,17 +137,7 @@ def perturbed_weights(model: CharLM, seed: int = 9) -> np.ndarray:
 
 def pipeline(model: CharLM, w: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
     """Loss of batch `batch` through the stage modules and the stitched block gradients."""
-    mods = [model.make_stage(s) for s in range(model.stages)]
-    a, caches = None, []
-    for mod in mods:
-        a, cache = mod.forward(w[mod.slice].copy(), a, batch)
-        caches.append(cache)
-    loss, g = mods[-1].loss(a, batch)
-    grad = np.empty_like(w)
-    for mod in reversed(mods):
-        grad[mod.slice], g = mod.backward(w[mod.slice].copy(), caches[mod.stage], g, batch)
-    assert g is None
-    return loss, grad
+    return stage_gradient(model, w, batch)
 
 
 @pytest.mark.parametrize("stages", [3, 4])

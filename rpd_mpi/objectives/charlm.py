@@ -250,3 +250,23 @@ def build_charlm(stages: int, *, width: int = 32, heads: int = 2, context: int =
     _validate(stages, width, heads, context, batch_size)
     data = text_data(text, vocab, context=context, batch_size=batch_size, seed=seed)
     return CharLM(data, stages=stages, width=width, heads=heads, seed=seed)
+
+
+def stage_gradient(model: "CharLM", w: Any, batch: int) -> tuple[float, Any]:
+    """Loss of `batch` and the full gradient, through the stage modules exactly as the
+    engines call them (forward on every stage, loss, backward from the last stage down),
+    stitched into one vector like w. For gradient checks (numpy or cupy)."""
+    xp = array_module(w)
+    mods = [model.make_stage(s) for s in range(model.stages)]
+    a, caches = None, []
+    for mod in mods:
+        a, cache = mod.forward(w[model.slices[mod.stage]].copy(), a, batch)
+        caches.append(cache)
+    loss, g = mods[-1].loss(a, batch)
+    grad = xp.empty_like(w)
+    for mod in reversed(mods):
+        sl = model.slices[mod.stage]
+        grad[sl], g = mod.backward(w[sl].copy(), caches[mod.stage], g, batch)
+    if g is not None:
+        raise ValueError("stage 0 returned an input gradient; it has no input")
+    return float(loss), grad

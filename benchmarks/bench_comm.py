@@ -19,11 +19,11 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter
+from rpd_mpi.mpi.comm import Comm, RecvLink, SendLink, Waiter
 from rpd_mpi.config import ObjectiveConfig, RunConfig, RuntimeConfig, ScheduleConfig
-from rpd_mpi.ledger import read_run
-from rpd_mpi.report import summarize
-from rpd_mpi.train import train
+from rpd_mpi.ledger.run_file import read_run
+from rpd_mpi.ledger.report import summarize
+from rpd_mpi.mpi.train import train
 
 WORLD = MPI.COMM_WORLD
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from rpd_mpi import kernels_lm as K
+from rpd_mpi.objectives import kernels_lm as K
 
 SIZES = {"small": dict(b=8, t=32, c=32, h=2, v=39), "paper": dict(b=16, t=128, c=256, h=8, v=65)}
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from rpd_mpi.delays import delay_stats
+from rpd_mpi.schedule.delays import delay_stats
 from rpd_mpi.objectives import build_model
-from rpd_mpi.schedule import generate
-from rpd_mpi.sim import simulate
+from rpd_mpi.schedule.generate import generate
+from rpd_mpi.engines.sim import simulate
 
 
 def best_of(repeat: int, fn) -> tuple[float, object]:

@@ -163,7 +163,7 @@ def gradient_check(cp: Any, probes: int = 12, h: float = 1e-5) -> dict[str, Any]
 
 def copy_rates(cp: Any, sizes: list[float], reps: int = 10) -> list[dict[str, Any]]:
     """One process: pinned D2H and H2D on a stream, device-to-device; GB/s = 1e9 B/s."""
-    from rpd_mpi.comm_gpu import pinned_array  # noqa: PLC0415
+    from rpd_mpi.mpi.comm_gpu import pinned_array  # noqa: PLC0415
     rows = []
     for mib in sizes:
         n = max(1, int(mib * 2 ** 20 / 8))
@@ -225,7 +225,7 @@ def train_run(launcher: list[str], env: dict[str, str], out: Path, device: str,
 def step_times(path: Path) -> dict[str, Any]:
     """Median forward / backward seconds per stage (from the ledger's events) and losses."""
     import numpy as np  # noqa: PLC0415
-    from rpd_mpi.ledger import read_run  # noqa: PLC0415
+    from rpd_mpi.ledger.run_file import read_run  # noqa: PLC0415
     from rpd_mpi.records import BWD, FWD  # noqa: PLC0415
     run = read_run(path)
     ev, out = run.events, {}
@@ -244,8 +244,8 @@ def equivalence(launcher: list[str], env: dict[str, str], tmp: Path, transport: 
     """A tiny static PD run on --device cuda against the CPU simulator (final blocks)."""
     import numpy as np  # noqa: PLC0415
     from rpd_mpi.config import RunConfig  # noqa: PLC0415
-    from rpd_mpi.ledger import read_run  # noqa: PLC0415
-    from rpd_mpi.runs import simulate_run  # noqa: PLC0415
+    from rpd_mpi.ledger.run_file import read_run  # noqa: PLC0415
+    from rpd_mpi.build import simulate_run  # noqa: PLC0415
     out = tmp / f"tiny-{transport}.h5"
     row = train_run(launcher, env, out, "cuda", transport, TINY, limit)
     if row["rc"] != 0:
@@ -262,7 +262,7 @@ def equivalence(launcher: list[str], env: dict[str, str], tmp: Path, transport: 
 def ping_pong(comm: Any, be: Any, xp: Any, links: Any, shape: tuple[int, ...], reps: int,
               warm: int = 2) -> float:
     """Seconds for `reps` round trips 0 -> 1 -> 0 of one message of `shape` (after `warm`)."""
-    from rpd_mpi.comm import Waiter  # noqa: PLC0415
+    from rpd_mpi.mpi.comm import Waiter  # noqa: PLC0415
     waiter, total = Waiter("spin", 120.0), warm + reps
     if comm.stage == 0:
         out = links.send(comm.act_comm, 1, shape, waiter, "ping")
@@ -294,9 +294,9 @@ def ping_pong(comm: Any, be: Any, xp: Any, links: Any, shape: tuple[int, ...], r
 def bandwidth_worker(kind: str, sizes: list[float], reps_bytes: int) -> None:
     """Ping-pong through the transport's links for each size; rank 0 prints JSON."""
     import numpy as np  # noqa: PLC0415
-    from rpd_mpi import comm as commlib  # noqa: PLC0415
-    from rpd_mpi import comm_gpu  # noqa: PLC0415
-    from rpd_mpi.backend import select  # noqa: PLC0415
+    from rpd_mpi.mpi import comm as commlib  # noqa: PLC0415
+    from rpd_mpi.mpi import comm_gpu  # noqa: PLC0415
+    from rpd_mpi.mpi.backend import select  # noqa: PLC0415
     comm = commlib.Comm()
     comm.split(2)
     be = select("cuda", comm_gpu.local_rank(comm.world), None)

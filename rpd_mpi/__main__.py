@@ -1,5 +1,5 @@
 """`python -m rpd_mpi` runs the command line."""
 
-from rpd_mpi.cli import main
+from rpd_mpi.entry import main
 
 raise SystemExit(main())

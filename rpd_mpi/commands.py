@@ -7,18 +7,28 @@ Every `--json` output is one object on stdout.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-from typing import Any, Callable
+from typing import Callable
 
+from rpd_mpi import analysis
+from rpd_mpi.build import build, check_out, simulate_run
 from rpd_mpi.config import ConfigError, ScheduleConfig
+from rpd_mpi.experiments import registry
+from rpd_mpi.flags import FLAGS, TRAIN_FLAGS, config_from
+from rpd_mpi.ledger import LedgerError, read_run, write_run
+from rpd_mpi.ledger.report import compare_table, format_summary, summarize
+from rpd_mpi.records import RunRecord
+from rpd_mpi.schedule import Timeline, generate
+from rpd_mpi.schedule.delays import delay_stats, pd_steady_max
+from rpd_mpi.schedule.text import render
 
 
 def run(args: argparse.Namespace) -> int:
     return HANDLERS[args.command](args)
 
 
-def _print_summary(record: Any, as_json: bool, out: str = "") -> None:
-    from rpd_mpi.report import format_summary, summarize
+def _print_summary(record: RunRecord, as_json: bool, out: str = "") -> None:
     summary = summarize(record)
     if out:
         summary["ledger"] = out
@@ -29,9 +39,6 @@ def _print_summary(record: Any, as_json: bool, out: str = "") -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from rpd_mpi.cli import FLAGS, config_from
-    from rpd_mpi.ledger import write_run
-    from rpd_mpi.runs import build, check_out, simulate_run
     cfg = config_from(args, FLAGS)
     check_out(cfg.out)
     model = build(cfg)
@@ -42,8 +49,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rpd_mpi.cli import FLAGS, TRAIN_FLAGS, config_from
-    from rpd_mpi.train import train
+    # the MPI runtime is loaded here, not at the top: importing mpi4py initialises MPI,
+    # which no other subcommand should do (tests/test_layers.py allows this one import)
+    from rpd_mpi.mpi.train import train
     return train(lambda: config_from(args, {**FLAGS, **TRAIN_FLAGS}),
                  lambda record: _print_summary(record, args.json, record.config["out"]))
 
@@ -59,15 +67,13 @@ def _schedule_config(args: argparse.Namespace, default_n: Callable[[int], int]) 
     return ScheduleConfig(method=args.method, microbatches=n, **values)
 
 
-def _timeline(sch: ScheduleConfig) -> Any:
-    from rpd_mpi.schedule import generate
+def _timeline(sch: ScheduleConfig) -> Timeline:
     return generate(sch.method, sch.stages, sch.microbatches, noam=sch.noam,
                     trajectories=sch.trajectories, local_steps=sch.local_steps,
                     flush=sch.flush)
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from rpd_mpi.programs import render
     tl = _timeline(_schedule_config(args, lambda s: 2 * s))
     if args.json:
         print(json.dumps({"method": tl.method, "stages": tl.stages,
@@ -80,7 +86,6 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_delays(args: argparse.Namespace) -> int:
-    from rpd_mpi.delays import delay_stats, pd_steady_max
     tl = _timeline(_schedule_config(args, lambda s: 10 * s))
     stats = delay_stats(tl)
     closed_form = tl.method == "pd" and tl.noam == tl.stages   # S^2 - S/2 holds for NOAM = S
@@ -94,8 +99,6 @@ def cmd_delays(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rpd_mpi.ledger import LedgerError, read_run
-    from rpd_mpi.report import compare_table, summarize
     records = []
     for path in args.ledgers:
         try:
@@ -114,21 +117,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_external(args: argparse.Namespace) -> int:
-    """`experiment NAME ...` and `tool NAME ...`: modules of the tools/ package."""
-    import importlib
+    """`experiment NAME ...` and `tool NAME ...`: `rpd_mpi.experiments` and `rpd_mpi.analysis`."""
     if args.command == "experiment":
-        module, argv = "tools.experiments", [args.name, *args.rest]
-    else:
-        module, argv = f"tools.{args.name}", list(args.rest)
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        raise ConfigError(args.command, f"no module {module} ({err})") from None
-    if not callable(getattr(mod, "main", None)):
-        raise ConfigError(args.command, f"{module} is a helper module, not a tool (tools: "
-                                        f"delays_vs_s, curves, timeline, sweep, theory, "
-                                        f"mpi_compare)")
-    return int(mod.main(argv) or 0)
+        return int(registry.main([args.name, *args.rest]) or 0)
+    if args.name not in analysis.TOOLS:
+        raise ConfigError("tool", f"no tool {args.name!r}; tools: {', '.join(analysis.TOOLS)}")
+    module = importlib.import_module(f"rpd_mpi.analysis.{args.name}")
+    return int(module.main(list(args.rest)) or 0)
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -82,3 +82,13 @@ class RunRecord:
     events: np.ndarray = field(default_factory=empty_events)
     timeline_kind: np.ndarray | None = None   # T x S unit-time schedule, if there is one
     timeline_mb: np.ndarray | None = None
+
+
+@dataclass
+class Trace:
+    """What an engine produced: updates in global order, objective, final weights, events."""
+
+    updates: Updates
+    objective: Objective
+    final_weights: np.ndarray      # the full vector (LocalSGD: averaged over copies)
+    events: np.ndarray

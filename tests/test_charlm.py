@@ -12,11 +12,10 @@ import pytest
 from rpd_mpi.objectives.charlm import stage_gradient
 
 from rpd_mpi.objectives import layers as L
-from rpd_mpi.objectives.charlm import (PRESETS, CharLM, build_charlm, parameter_count,
-                                       stage_layout)
-from rpd_mpi.objectives.text import build_vocab, encode, generate_corpus
-from rpd_mpi.schedule import generate
-from rpd_mpi.sim import simulate
+from rpd_mpi.objectives.charlm import PRESETS, CharLM, build_charlm, parameter_count, stage_layout
+from rpd_mpi.objectives.corpus import build_vocab, encode, generate_corpus
+from rpd_mpi.schedule.generate import generate
+from rpd_mpi.engines.sim import simulate
 
 RTOL, ATOL = 1e-6, 1e-9
 B, T, C, H = 2, 5, 8, 2

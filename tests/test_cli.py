@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from rpd_mpi.ledger import read_run
+from rpd_mpi.ledger.run_file import read_run
 
 SMALL = ["--stages", "2", "--microbatches", "6", "--dim", "8", "--examples", "12",
          "--batch-size", "3"]

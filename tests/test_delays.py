@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from rpd_mpi.delays import delay_stats, pd_steady_max, update_order
+from rpd_mpi.schedule.delays import delay_stats, pd_steady_max, update_order
 from rpd_mpi.records import BWD, FWD
-from rpd_mpi.schedule import generate
+from rpd_mpi.schedule.generate import generate
 
 
 @pytest.mark.parametrize("S", list(range(2, 65)))

@@ -24,9 +24,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from rpd_mpi.backend import CPU, device_for, select
+from rpd_mpi.mpi.backend import CPU, device_for, select
 from rpd_mpi.config import ConfigError, RunConfig, RuntimeConfig
-from rpd_mpi.train import check_world
+from rpd_mpi.mpi.train import check_world
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fakecupy"
@@ -124,7 +124,8 @@ def test_gpu_flags_are_validated(kwargs: dict, flag: str) -> None:
 
 
 def test_gpu_flags_from_the_command_line() -> None:
-    from rpd_mpi.cli import FLAGS, TRAIN_FLAGS, config_from, parser
+    from rpd_mpi.cli import parser
+    from rpd_mpi.flags import FLAGS, TRAIN_FLAGS, config_from
     args = parser().parse_args(["train", "--device", "cuda", "--transport", "direct",
                                 "--gpu-aware-mpi", "--gpus-per-node", "2"])
     rt = config_from(args, {**FLAGS, **TRAIN_FLAGS}).runtime
@@ -180,8 +181,8 @@ def test_transports_move_bytes_in_the_promised_order() -> None:
 ])
 def test_train_on_mock_gpu_equals_the_simulator(tmp_path: Path, transport: str,
                                                 extra: list[str]) -> None:
-    from rpd_mpi.ledger import read_run
-    from rpd_mpi.runs import simulate_run
+    from rpd_mpi.ledger.run_file import read_run
+    from rpd_mpi.build import simulate_run
     out = tmp_path / "gpu.h5"
     res = mpirun(3, ["-m", "mpi4py", "-m", "rpd_mpi", "train", "--device", "cuda",
                      "--transport", transport, *TINY, *extra, "--out", str(out)], mock_env())
@@ -239,8 +240,8 @@ sys.meta_path.insert(0, Block())
 
 def test_cpu_path_never_imports_cupy(tmp_path: Path) -> None:
     code = BLOCK_CUPY + f"""
-import rpd_mpi, rpd_mpi.cli, rpd_mpi.train, rpd_mpi.backend, rpd_mpi.comm_gpu
-import rpd_mpi.objectives.charlm, rpd_mpi.runtime
+import rpd_mpi, rpd_mpi.cli, rpd_mpi.mpi.train, rpd_mpi.mpi.backend, rpd_mpi.mpi.comm_gpu
+import rpd_mpi.objectives.charlm, rpd_mpi.mpi.stage_runner
 from rpd_mpi.cli import main
 import pytest
 assert main(['simulate', '--objective', 'charlm', '--stages', '3', '--microbatches', '4',
@@ -263,7 +264,8 @@ def test_package_works_without_numba() -> None:
 import sys
 sys.modules['numba'] = None        # import numba -> ImportError, as on a GPU-only machine
 import numpy as np
-from rpd_mpi import kernels, kernels_lm
+from rpd_mpi.objectives import kernels
+from rpd_mpi.objectives import kernels_lm
 from rpd_mpi.objectives.charlm import build_charlm
 assert kernels.shift_prediction is kernels.shift_prediction_ref and not kernels_lm.HAVE_NUMBA
 assert all(kernels_lm.kernel(n, np) is ref for n, (_, ref) in kernels_lm.KERNELS.items())

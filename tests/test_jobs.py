@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rpd_mpi.ledger import read_run
+from rpd_mpi.ledger.run_file import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ROOT / "jobs" / "local.sh"

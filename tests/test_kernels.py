@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from rpd_mpi.kernels import shift_prediction, shift_prediction_ref
+from rpd_mpi.objectives.kernels import shift_prediction, shift_prediction_ref
 from rpd_mpi.objectives import build_model
 
 

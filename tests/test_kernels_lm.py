@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from rpd_mpi import kernels_lm as K
+from rpd_mpi.objectives import kernels_lm as K
 
 TOL = 1e-10
 

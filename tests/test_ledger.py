@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import rpd_mpi
-from rpd_mpi import ledger, ledger_parts, report
-from rpd_mpi.ledger import SCHEMA_VERSION, LedgerError, read_arrays, read_run, write_run
-from rpd_mpi.ledger_parts import PART_UPDATE_DTYPE, RankPart, read_part
+from rpd_mpi.ledger import parts as ledger_parts
+from rpd_mpi.ledger import report
+from rpd_mpi.ledger.run_file import SCHEMA_VERSION, LedgerError, read_arrays, read_run, write_run
+from rpd_mpi.ledger.parts import PART_UPDATE_DTYPE, RankPart, read_part
 from rpd_mpi.records import BWD, EVENT_DTYPE, FWD, IDLE, Objective, RunRecord, Updates
 
 S, K = 3, 12

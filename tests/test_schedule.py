@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
-from rpd_mpi.programs import parse, render, stage_program
+from rpd_mpi.schedule.programs import stage_program
+from rpd_mpi.schedule.text import parse, render
 from rpd_mpi.records import AVG, BWD, FWD
-from rpd_mpi.schedule import ScheduleError, Timeline, generate, timeline_for, validate
+from rpd_mpi.schedule.generate import generate, timeline_for, validate
+from rpd_mpi.schedule.timeline import ScheduleError, Timeline
 
 
 def _ops(tl: Timeline, s: int) -> list[str]:

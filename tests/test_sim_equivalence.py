@@ -5,9 +5,9 @@ import pytest
 
 from reference import reference_pipeline, reference_rpd
 from rpd_mpi.objectives import build_model
-from rpd_mpi.rpd import BlockHistory, rpd_plan, simulate_rpd
-from rpd_mpi.schedule import generate
-from rpd_mpi.sim import simulate
+from rpd_mpi.engines.rpd import BlockHistory, rpd_plan, simulate_rpd
+from rpd_mpi.schedule.generate import generate
+from rpd_mpi.engines.sim import simulate
 
 OBJECTIVES = ["quadratic", "tridiag", "logistic"]
 

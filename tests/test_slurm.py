@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from rpd_mpi.ledger import read_run
+from rpd_mpi.ledger.run_file import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = ROOT / "tests" / "slurm_node.sh"

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from rpd_mpi.config import ObjectiveConfig, RPDConfig, RunConfig, ScheduleConfig
-from rpd_mpi.ledger import read_run, write_run
+from rpd_mpi.ledger.run_file import read_run, write_run
 from rpd_mpi.records import AVG, BWD, FWD, Objective, RunRecord, empty_events
-from rpd_mpi.runs import simulate_run
-from tools import curves, delays_vs_s, experiments, sweep, theory, timeline
-from tools.common import PNG_SIGNATURE
+from rpd_mpi.build import simulate_run
+from rpd_mpi.analysis import curves, delays_vs_s, sweep, theory, timeline
+from rpd_mpi.experiments import registry as experiments
+from rpd_mpi.analysis.common import PNG_SIGNATURE
 
 QUAD = ObjectiveConfig(name="quadratic", dim=32, examples=100, batch_size=10)
 
@@ -216,7 +217,7 @@ def test_theory_bound_holds_and_rerun_reproduces(ledgers, tmp_path: Path, capsys
 def test_theory_first_sample_is_the_gradient_at_w0(ledgers) -> None:
     rec = read_run(ledgers["rpd"])
     cfg = RunConfig.from_dict(rec.config)
-    from rpd_mpi.runs import build
+    from rpd_mpi.build import build
     model = build(cfg)
     g0 = model.full_gradient(model.init_weights())
     k, sq, same = theory.rerun_gradients(rec, every=1)
@@ -260,7 +261,7 @@ def test_experiment_e3_quick_writes_ledgers_table_and_plot(tmp_path: Path, capsy
 
 
 def test_mpi_compare_runs_real_ranks(tmp_path: Path) -> None:
-    from tools import mpi_compare
+    from rpd_mpi.analysis import mpi_compare
     assert mpi_compare.main(["--stages", "2", "--microbatches", "4", "--dim", "8",
                              "--examples", "20", "--op-cost", "0.001",
                              "--out", str(tmp_path)]) == 0

@@ -82,7 +82,7 @@ def test_stall_on_one_rank_times_out_with_who_waits_for_what(tmp_path: Path) -> 
 
 
 def test_parts_of_a_failed_run_are_marked_incomplete(tmp_path: Path) -> None:
-    from rpd_mpi.ledger_parts import part_attrs, part_path
+    from rpd_mpi.ledger.parts import part_attrs, part_path
     out = tmp_path / "inc.h5"
     launch(2, *ARGS, "--stages", "2", "--fault", "raise:1:4", "--out", str(out))
     p = part_path(out, 1)
@@ -94,7 +94,7 @@ def test_parts_of_a_failed_run_are_marked_incomplete(tmp_path: Path) -> None:
 def test_charlm_on_three_ranks_equals_simulator(tmp_path: Path) -> None:
     """S = 3 needs a 3-rank job, which the -n 2 / -n 4 MPI phases do not give."""
     import numpy as np
-    from rpd_mpi.ledger import read_run
+    from rpd_mpi.ledger.run_file import read_run
     args = ["--method", "pd", "--objective", "charlm", "--stages", "3", "--microbatches", "5",
             "--width", "16", "--heads", "2", "--context", "8", "--batch-size", "2",
             "--lr", "0.1", "--eval-every", "10"]

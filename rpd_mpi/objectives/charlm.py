@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from rpd_mpi.kernels_lm import array_module
 from rpd_mpi.objectives import layers
-from rpd_mpi.objectives.text import TextData, text_data
+from rpd_mpi.objectives.corpus import TextData, text_data
+from rpd_mpi.objectives.kernels_lm import array_module
 
 #: Generated batches: ids are drawn, so the count is only a modulus (see sim/runtime).
 NUM_BATCHES = 2**31 - 1

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rpd_mpi.kernels_lm import array_module, kernel
+from rpd_mpi.objectives.kernels_lm import array_module, kernel
 
 Array = Any                 # numpy.ndarray or cupy.ndarray
 Params = dict[str, Array]   # parameter name -> view into the stage's flat block

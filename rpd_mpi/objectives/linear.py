@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rpd_mpi.kernels import shift_prediction
-from rpd_mpi.objectives.problems import (LOSS_KIND, Problem, generate_problem,
-                                         load_problem, smoothness)
+from rpd_mpi.objectives.kernels import shift_prediction
+from rpd_mpi.objectives.problems import (LOSS_KIND, Problem, generate_problem, load_problem,
+                                         smoothness)
 
 
 def _squares_batch(p: np.ndarray, y: np.ndarray, inv_b: float) -> tuple[float, np.ndarray]:

@@ -19,8 +19,8 @@ from typing import Any, Callable
 import cupy  # the mock: this folder is first on sys.path
 import numpy as np
 
-from rpd_mpi.comm import Comm, CommError, Waiter
-from rpd_mpi.comm_gpu import make_links
+from rpd_mpi.mpi.comm import Comm, CommError, Waiter
+from rpd_mpi.mpi.comm_gpu import make_links
 
 assert getattr(cupy, "MOCK", False), "links_check.py must run against the mock cupy"
 N, SHAPE = 7, (3, 4)     # N > the 4 IPC slots: the sender must wait for credits

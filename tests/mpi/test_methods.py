@@ -9,11 +9,11 @@ import pytest
 from mpi4py import MPI
 
 from rpd_mpi.config import ObjectiveConfig, RPDConfig, RunConfig, RuntimeConfig, ScheduleConfig
-from rpd_mpi.ledger import read_run
+from rpd_mpi.ledger.run_file import read_run
 from rpd_mpi.objectives import build_model
-from rpd_mpi.report import summarize
-from rpd_mpi.runs import simulate_run
-from rpd_mpi.train import train
+from rpd_mpi.ledger.report import summarize
+from rpd_mpi.build import simulate_run
+from rpd_mpi.mpi.train import train
 
 WORLD = MPI.COMM_WORLD
 OBJ = ObjectiveConfig(name="logistic", dim=9, examples=24, batch_size=4)

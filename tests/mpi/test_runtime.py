@@ -14,10 +14,10 @@ import pytest
 from mpi4py import MPI
 
 from rpd_mpi.config import ObjectiveConfig, RunConfig, RuntimeConfig, ScheduleConfig
-from rpd_mpi.ledger import read_run
+from rpd_mpi.ledger.run_file import read_run
 from rpd_mpi.records import BWD, FWD
-from rpd_mpi.runs import simulate_run
-from rpd_mpi.train import train
+from rpd_mpi.build import simulate_run
+from rpd_mpi.mpi.train import train
 
 WORLD = MPI.COMM_WORLD
 

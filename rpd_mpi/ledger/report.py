@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from rpd_mpi.records import AVG, IDLE, RunRecord
+from rpd_mpi.schedule.delays import update_order
+from rpd_mpi.schedule.timeline import Timeline
 
 SUMMARY_KEYS = (
     "method", "stages", "groups", "trajectories", "engine", "objective", "updates", "slots",
@@ -124,8 +126,6 @@ def _unit_delays(record: RunRecord) -> tuple[int | None, float | None]:
     """Steady-state delay statistics of the stored unit-time timeline."""
     if record.timeline_kind is None:
         return None, None
-    from rpd_mpi.delays import update_order
-    from rpd_mpi.schedule import Timeline
     a = record.attrs
     tl = Timeline(record.timeline_kind, record.timeline_mb, a.get("method", "pd"),
                   int(record.timeline_mb.max()) + 1, int(a.get("trajectories") or 1),

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
-from rpd_mpi.comm import CommError, RecvLink, SendLink, Waiter
+from rpd_mpi.mpi.comm import CommError, RecvLink, SendLink, Waiter
 
 TRANSPORTS = ("staged", "direct", "ipc")
 TAG_SETUP = 32767      # the IPC handshake (receiver -> sender, once, before any credit)

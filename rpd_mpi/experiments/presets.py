@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from rpd_mpi.analysis.common import fmt, lr_exponent, lr_text, markdown_table, pyplot, save_png
+from rpd_mpi.analysis.curves import curve, plot_curves
+from rpd_mpi.analysis.sweep import SweepResult, power_grid, refine, sweep, write_summary
 from rpd_mpi.config import ObjectiveConfig, RPDConfig, RunConfig, ScheduleConfig
-from rpd_mpi.ledger import read_run
+from rpd_mpi.experiments.settings import Outcome, Settings
+from rpd_mpi.ledger.run_file import read_run
 from rpd_mpi.records import RunRecord
-from tools.common import fmt, lr_exponent, lr_text, markdown_table, pyplot, save_png
-from tools.curves import curve, plot_curves
-from tools.experiments import Outcome, Settings
-from tools.sweep import SweepResult, power_grid, refine, sweep, write_summary
 
 PD_GRID, LSGD_GRID = (-12, -3), (-8, 2)
 QUICK_PD_GRID, QUICK_LSGD_GRID = (-6, -1), (-4, 1)

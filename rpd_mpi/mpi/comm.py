@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 from mpi4py import MPI
 
+
 class CommError(RuntimeError):
     """A message broke the protocol (wrong microbatch, wrong size)."""
 

@@ -1,8 +1,8 @@
-"""Per-stage programs and the text form of a timeline.
+"""The text form of a timeline: `render` prints the grid, `parse` reads it back.
 
-`stage_program(tl, s)` is what an MPI rank executes in static order: stage s's ops in slot
-order, with an AVG op after each LocalSGD round end. `render` prints the grid (one row per
-stage, one column per slot) and `parse` reads that text back into a Timeline (round trip).
+One row per stage, one column per slot, cells like `F3`, `B0` and `.` (idle), under a header
+line that carries the timeline's parameters, so `parse(render(tl)) == tl`. `mark` shows the
+grid around one cell in brackets, for error messages.
 """
 
 from __future__ import annotations
@@ -11,20 +11,8 @@ import re
 
 import numpy as np
 
-from rpd_mpi.records import AVG, BWD, FWD, IDLE
-from rpd_mpi.schedule import Timeline, cell_text
-
-PROGRAM_DTYPE = np.dtype([("op", "i1"), ("mb", "i8"), ("slot", "i8")])
-
-
-def stage_program(tl: Timeline, s: int) -> np.ndarray:
-    """Stage s's ops (op, mb, slot) in execution order; AVG (mb = round) after round ends."""
-    slots = np.nonzero(tl.kind[:, s])[0]
-    ops = [(int(tl.kind[t, s]), int(tl.mb[t, s]), int(t)) for t in slots]
-    for r, a in enumerate(tl.averages):
-        ops.append((AVG, r, a))
-    ops.sort(key=lambda o: (o[2], o[0] == AVG))   # an average follows the ops of its slot
-    return np.array(ops, dtype=PROGRAM_DTYPE)
+from rpd_mpi.records import BWD, FWD, IDLE
+from rpd_mpi.schedule.timeline import Timeline
 
 
 def render(tl: Timeline, width: int = 0) -> str:
@@ -72,3 +60,21 @@ def _cell(c: str) -> tuple[int, int]:
     if c[0] in "FB" and c[1:].isdigit():
         return (FWD if c[0] == "F" else BWD), int(c[1:])
     raise ValueError(f"bad cell {c!r}: expected F<mb>, B<mb> or '.'")
+
+
+def mark(tl: Timeline, t: int, s: int, width: int = 12) -> str:
+    """The grid around slot t with the cell (t, s) marked by brackets."""
+    lo, hi = max(0, t - width), min(tl.slots, t + width + 1)
+    lines = [f"slots {lo}..{hi - 1}"]
+    for stage in range(tl.stages):
+        cells = []
+        for slot in range(lo, hi):
+            c = cell_text(int(tl.kind[slot, stage]), int(tl.mb[slot, stage]))
+            cells.append(f"[{c}]" if (slot, stage) == (t, s) else f" {c} ")
+        lines.append(f"s{stage:<3}" + "".join(f"{c:>7}" for c in cells))
+    return "\n".join(lines)
+
+
+def cell_text(op: int, mb: int) -> str:
+    """One cell of the text form: 'F3', 'B0', '.' (idle)."""
+    return "." if op == IDLE else f"{'F' if op == FWD else 'B'}{mb}"

@@ -12,25 +12,14 @@ Data order: in group g, microbatch mb uses batch (g + G * mb) mod B (G = 1: mb m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from rpd_mpi.delays import update_order
-from rpd_mpi.records import BWD, FWD, Objective, Updates, empty_events
-from rpd_mpi.schedule import Timeline
-from rpd_mpi.stepping import FlushBuffer
-
-
-@dataclass
-class Trace:
-    """What an engine produced: updates in global order, objective, final weights, events."""
-
-    updates: Updates
-    objective: Objective
-    final_weights: np.ndarray      # the full vector (LocalSGD: averaged over copies)
-    events: np.ndarray
+from rpd_mpi.engines.blocks import FlushBuffer
+from rpd_mpi.records import BWD, FWD, Objective, Trace, Updates, empty_events
+from rpd_mpi.schedule.delays import update_order
+from rpd_mpi.schedule.timeline import Timeline
 
 
 class _Engine:

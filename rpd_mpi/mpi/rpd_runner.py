@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from rpd_mpi.comm import Comm, RecvLink, SendLink, Waiter, wtime
-from rpd_mpi.ledger_parts import RankPart
-from rpd_mpi.records import BWD, FWD
-from rpd_mpi.rpd import BlockHistory, RPDPlan
+from rpd_mpi.engines.rpd import BlockHistory, RPDPlan
+from rpd_mpi.ledger.parts import RankPart
+from rpd_mpi.mpi.comm import Comm, RecvLink, SendLink, Waiter, wtime
+from rpd_mpi.mpi.recorder import Recorder, hold
 from rpd_mpi.progress import Progress
-from rpd_mpi.runtime import Recorder, hold
+from rpd_mpi.records import BWD, FWD
 
 
 class RPDRunner:

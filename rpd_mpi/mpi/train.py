@@ -20,18 +20,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rpd_mpi import comm as commlib
+from rpd_mpi.build import build, check_out, rpd_setup, schedule_of
 from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.ledger import write_run
-from rpd_mpi.ledger_parts import RankPart, part_path, read_part, read_part_snapshots
-from rpd_mpi.measured import fill_losses, global_updates, objective_curve, plan_updates
-from rpd_mpi.programs import stage_program
+from rpd_mpi.ledger.parts import RankPart, part_path
+from rpd_mpi.mpi import backend as backendlib
+from rpd_mpi.mpi import comm as commlib
+from rpd_mpi.mpi import comm_gpu
+from rpd_mpi.mpi.assemble import assemble
+from rpd_mpi.mpi.recorder import snapshot_dtype
+from rpd_mpi.mpi.rpd_runner import RPDRunner
+from rpd_mpi.mpi.stage_runner import StageRunner
 from rpd_mpi.records import RunRecord
-from rpd_mpi.rpd_runtime import RPDRunner
-from rpd_mpi.runs import build, check_out, rpd_setup, schedule_of, to_record
-from rpd_mpi.runtime import StageRunner, snapshot_dtype
-from rpd_mpi.sim import Trace
-
+from rpd_mpi.schedule.programs import stage_program
 
 GPU_METHODS = ("pd", "localsgd")     # the StageRunner methods run and tested on --device cuda
 
@@ -65,8 +66,6 @@ def check_world(cfg: RunConfig, size: int) -> None:
 def _device(cfg: RunConfig, comm: commlib.Comm) -> tuple[Any, Any, dict[str, Any]]:
     """(backend, links, ledger info) of this rank for --device cuda. The collectives come
     first, so that every rank reaches them before any check can fail."""
-    from rpd_mpi import backend as backendlib
-    from rpd_mpi import comm_gpu
     rt = cfg.runtime
     local = comm_gpu.local_rank(comm.world)
     one_node = commlib.node_size() == comm.size
@@ -180,42 +179,3 @@ def _execute(cfg: RunConfig, model: Any, comm: commlib.Comm, tl: Any, plan: Any,
     else:
         runner.run_dynamic()
     return None
-
-
-def assemble(cfg: RunConfig, model: Any, tl: Any, plan: Any, size: int,
-             meta: list[dict]) -> RunRecord:
-    """Rank 0: the run file's record from every rank's part."""
-    parts = [read_part(part_path(cfg.out, r)) for r in range(size)]
-    events = np.concatenate([p[0] for p in parts])
-    rows = np.concatenate([p[1] for p in parts])
-    if plan is not None:
-        rows["loss"] = meta[-1]["losses"][rows["microbatch"]]
-        updates, delta = plan_updates(rows, plan[0]), plan[1]
-    else:
-        fill_losses(rows, cfg.schedule.stages)
-        updates = global_updates(rows, events, cfg.schedule.stages)
-        delta = int(updates.delays.max()) if len(updates) else 0
-    snaps = _snapshots_by_stage(cfg, size)
-    copies = cfg.schedule.groups * tl.trajectories
-    objective, final = objective_curve(model, snaps, updates.time, cfg.eval_every, copies)
-    trace = Trace(updates, objective, final, events)
-    extra = {"mpi_library": commlib.library_version(), "world_size": size,
-             "hosts": sorted({m["host"] for m in meta}),
-             "wait_strategy": [m["strategy"] for m in meta],
-             "blocked_seconds": [m["blocked"] for m in meta],
-             "clock_offsets": [m["clock_offset"] for m in meta],
-             "op_cost": cfg.runtime.op_cost}
-    if cfg.runtime.device != "cpu":
-        extra["gpus"] = [m["device"] for m in meta]
-    return to_record(cfg, model, trace, tl, engine="mpi", delta=delta, extra=extra)
-
-
-def _snapshots_by_stage(cfg: RunConfig, size: int) -> list[np.ndarray]:
-    S = cfg.schedule.stages
-    out = []
-    for s in range(S):
-        rows = [read_part_snapshots(part_path(cfg.out, g * S + s))
-                for g in range(cfg.schedule.groups)]
-        both = np.concatenate(rows)
-        out.append(both[np.argsort(both["time"], kind="stable")])
-    return out

@@ -202,7 +202,7 @@ def _write_timeline(f: h5py.File, kind: np.ndarray | None, mb: np.ndarray | None
 # ----------------------------------------------------------------------------- reading
 
 
-def _open(path: str | os.PathLike, what: str) -> h5py.File:
+def open_ledger(path: str | os.PathLike, what: str) -> h5py.File:
     """Open an existing HDF5 file for reading, or raise LedgerError saying why not."""
     path = Path(path)
     if not path.exists():
@@ -218,7 +218,7 @@ def _open(path: str | os.PathLike, what: str) -> h5py.File:
         raise LedgerError(f"{what} {path} cannot be opened: {exc}") from exc
 
 
-def _check_version(f: h5py.File, path: str | os.PathLike) -> None:
+def check_version(f: h5py.File, path: str | os.PathLike) -> None:
     if "schema_version" not in f.attrs:
         raise LedgerError(f"{path} is not an rpd_mpi ledger (no schema_version attribute)")
     version = int(f.attrs["schema_version"])
@@ -228,7 +228,7 @@ def _check_version(f: h5py.File, path: str | os.PathLike) -> None:
 
 
 def _check_header(f: h5py.File, path: str | os.PathLike) -> None:
-    _check_version(f, path)
+    check_version(f, path)
     if f.attrs.get("kind") == "rank_part":
         raise LedgerError(f"{path} is a rank part file, not a run ledger (see read_part)")
     if not bool(f.attrs.get("complete", False)):
@@ -237,7 +237,7 @@ def _check_header(f: h5py.File, path: str | os.PathLike) -> None:
 
 def read_run(path: str | os.PathLike) -> RunRecord:
     """Read a run file written by `write_run`; LedgerError if it is not a complete v1 ledger."""
-    with _open(path, "ledger") as f:
+    with open_ledger(path, "ledger") as f:
         _check_header(f, path)
         try:
             return RunRecord(
@@ -285,7 +285,7 @@ def read_arrays(path: str | os.PathLike, names: Iterable[str],
     """Top-level datasets of a user data file (`--data`): all of `names`, those of `optional`
     that exist. A 0-d dataset (e.g. f_star) comes back as a 0-d array."""
     out: dict[str, np.ndarray] = {}
-    with _open(path, "data file") as f:
+    with open_ledger(path, "data file") as f:
         for name in names:
             if not isinstance(f.get(name), h5py.Dataset):
                 raise LedgerError(f"data file {path} has no top-level dataset {name!r} "

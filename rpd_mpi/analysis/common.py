@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 
 from rpd_mpi.config import ConfigError, RunConfig
-from rpd_mpi.ledger import LedgerError
+from rpd_mpi.flags import FLAGS, config_from
+from rpd_mpi.ledger.run_file import LedgerError
 from rpd_mpi.records import RunRecord
 
 T = TypeVar("T")
@@ -140,7 +141,6 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]
 
 def add_run_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     """The flags of `rpd-mpi simulate` (DESIGN 6), except those in `skip`."""
-    from rpd_mpi.cli import FLAGS
     parser.add_argument("--config", help="TOML file with [schedule], [objective], ...")
     for flag, (_, _, kind, text) in FLAGS.items():
         if flag not in skip:
@@ -149,5 +149,4 @@ def add_run_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> 
 
 def config_from_args(args: argparse.Namespace, skip: Sequence[str] = ()) -> RunConfig:
     """Defaults < TOML < flags, validated exactly as `rpd-mpi simulate` does."""
-    from rpd_mpi.cli import FLAGS, config_from
     return config_from(args, {k: v for k, v in FLAGS.items() if k not in skip})

@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rpd_mpi.analysis.common import fmt, markdown_table
 from rpd_mpi.config import ObjectiveConfig
-from tools.common import fmt, markdown_table
-from tools.experiments import Outcome, Settings
-from tools.presets import Tuned, make_cfg, plot_tuned, tune
+from rpd_mpi.experiments.presets import Tuned, make_cfg, plot_tuned, tune
+from rpd_mpi.experiments.settings import Outcome, Settings
 
 PAPER_SLOTS = 2078
 LM_GRID, QUICK_LM_GRID = (-3, -1), (-3, -1)   # plain SGD on the LM: best near 2^-3..2^-1

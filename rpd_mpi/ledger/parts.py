@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from rpd_mpi.ledger import SCHEMA_VERSION, LedgerError, _check_version, _open
+from rpd_mpi.ledger.run_file import SCHEMA_VERSION, LedgerError, check_version, open_ledger
 from rpd_mpi.records import EVENT_DTYPE
 
 #: One row per block update, as a rank records it during an MPI run. `version` is the block
@@ -146,8 +146,8 @@ class RankPart:
 def read_part(path: str | os.PathLike,
               allow_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(events, updates) of a part file, in append order."""
-    with _open(path, "part file") as f:
-        _check_version(f, path)
+    with open_ledger(path, "part file") as f:
+        check_version(f, path)
         if f.attrs.get("kind") != "rank_part":
             raise LedgerError(f"{path} is not an rpd_mpi rank part file")
         if not allow_incomplete and not bool(f.attrs["complete"]):
@@ -157,11 +157,11 @@ def read_part(path: str | os.PathLike,
 
 def read_part_snapshots(path: str | os.PathLike) -> np.ndarray | None:
     """The block snapshots of a part file (None when it has none)."""
-    with _open(path, "part file") as f:
+    with open_ledger(path, "part file") as f:
         return f["snapshots"][()] if "snapshots" in f else None
 
 
 def part_attrs(path: str | os.PathLike) -> Mapping[str, Any]:
     """The root attributes of a part file (rank, complete, schema_version, kind)."""
-    with _open(path, "part file") as f:
+    with open_ledger(path, "part file") as f:
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}

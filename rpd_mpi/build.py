@@ -14,13 +14,16 @@ from typing import Any
 import numpy as np
 
 from rpd_mpi.config import ConfigError, RunConfig
-from rpd_mpi.delays import update_order
+from rpd_mpi.engines.rpd import RPDPlan, rpd_plan, simulate_rpd
+from rpd_mpi.engines.sim import simulate
+from rpd_mpi.ledger import LedgerError, read_arrays, read_run
 from rpd_mpi.objectives import build_model
+from rpd_mpi.objectives.charlm import build_charlm
 from rpd_mpi.progress import Progress
-from rpd_mpi.records import RunRecord
-from rpd_mpi.rpd import RPDPlan, rpd_plan, simulate_rpd
-from rpd_mpi.schedule import Timeline, timeline_for
-from rpd_mpi.sim import Trace, simulate
+from rpd_mpi.records import RunRecord, Trace
+from rpd_mpi.schedule.delays import update_order
+from rpd_mpi.schedule.generate import timeline_for
+from rpd_mpi.schedule.timeline import Timeline
 
 
 def check_out(path: str) -> None:
@@ -43,7 +46,6 @@ def load_data(path: str) -> dict[str, np.ndarray]:
         except (OSError, ValueError) as err:
             raise ConfigError("--data", f"cannot read {path} as .npz: {err}") from None
     elif path.endswith((".h5", ".hdf5")):
-        from rpd_mpi.ledger import LedgerError, read_arrays
         try:
             arrays = read_arrays(path, [], optional=["X", "y", "w_true", "f_star"])
         except LedgerError as err:
@@ -79,7 +81,6 @@ def build(cfg: RunConfig) -> Any:
 
 
 def _charlm(cfg: RunConfig) -> Any:
-    from rpd_mpi.objectives.charlm import build_charlm
     obj, text = cfg.objective, None
     if obj.data:
         try:
@@ -151,7 +152,6 @@ def _pd_delays(cfg: RunConfig, updates: int) -> np.ndarray:
 
 def replayed_delays(path: str, stages: int, updates: int) -> np.ndarray:
     """The measured delays of a recorded run, for --delay-source ledger."""
-    from rpd_mpi.ledger import LedgerError, read_run
     try:
         delays = read_run(path).updates.delays
     except LedgerError as err:

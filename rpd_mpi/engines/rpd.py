@@ -18,8 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rpd_mpi.records import Objective, Updates, empty_events
-from rpd_mpi.sim import Trace
+from rpd_mpi.records import Objective, Trace, Updates, empty_events
 
 
 @dataclass(frozen=True)

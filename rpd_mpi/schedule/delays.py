@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rpd_mpi.records import BWD, FWD
-from rpd_mpi.schedule import Timeline
+from rpd_mpi.schedule.timeline import Timeline
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,187 @@
+"""E1: steady-state delay statistics of the PD 1F1B schedule as a function of S.
+
+For each S the timeline has N = 10 S microbatches (`--per-stage`); `rpd_mpi.delays.delay_stats`
+gives the mean, p10 and max over the second half of the updates and the startup max over the
+first half. Least-squares quadratics a S^2 + b S + c are fitted to the mean and the max over
+the even S (the paper's closed form S^2 - S/2 is exact for even S). Outputs: a Markdown table
+(stdout and `--out`/delays_vs_s.md), JSON and a log-log PNG.
+
+    rpd-mpi tool delays_vs_s [--stages 2,4,8] [--out results/E1] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from rpd_mpi.analysis.common import (Parser, ToolError, guarded, markdown_table, parallel_map,
+                                     pyplot, save_png, write_text)
+from rpd_mpi.schedule.delays import delay_stats, pd_steady_max
+from rpd_mpi.schedule.generate import generate
+
+ODD_STAGES = (3, 5, 7, 9, 15, 31, 63, 127)
+DEFAULT_STAGES = tuple(sorted(set(range(2, 129, 2)) | set(ODD_STAGES)))
+COLUMNS = ("steady_mean", "steady_p10", "steady_max", "startup_max")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """a S^2 + b S + c, fitted by least squares over `stages`."""
+
+    a: float
+    b: float
+    c: float
+    stages: tuple[int, ...]
+
+    def __call__(self, s: np.ndarray) -> np.ndarray:
+        return self.a * s * s + self.b * s + self.c
+
+    def text(self) -> str:
+        a, b, c = (round(x, 4) + 0.0 for x in (self.a, self.b, self.c))
+        return f"{a:.4f}·S² {b:+.4f}·S {c:+.4f}"
+
+
+def stats_for(stages: int, per_stage: int = 10) -> dict[str, Any]:
+    """delay_stats of the PD timeline with N = per_stage * S, plus the closed form."""
+    row = delay_stats(generate("pd", stages, per_stage * stages))
+    row["formula_max"] = pd_steady_max(stages)
+    return row
+
+
+def delay_table(stages: Sequence[int], per_stage: int = 10, jobs: int = 1
+                ) -> list[dict[str, Any]]:
+    """One `stats_for` row per S (computed in `jobs` processes, largest S first)."""
+    order = sorted(stages, reverse=True)
+    rows = parallel_map(_stats_default if per_stage == 10 else _Stats(per_stage), order, jobs)
+    return sorted(rows, key=lambda r: r["stages"])
+
+
+def _stats_default(stages: int) -> dict[str, Any]:
+    return stats_for(stages)
+
+
+@dataclass(frozen=True)
+class _Stats:
+    per_stage: int
+
+    def __call__(self, stages: int) -> dict[str, Any]:
+        return stats_for(stages, self.per_stage)
+
+
+def quadratic_fit(stages: Sequence[int], values: Sequence[float]) -> Fit:
+    """Least-squares a S^2 + b S + c through (stages, values); needs 3 distinct S."""
+    s = np.asarray(stages, dtype=float)
+    if np.unique(s).size < 3:
+        raise ToolError(f"a quadratic fit needs at least 3 distinct S (got {sorted(set(stages))})")
+    design = np.stack([s * s, s, np.ones_like(s)], axis=1)
+    coef = np.linalg.lstsq(design, np.asarray(values, dtype=float), rcond=None)[0]
+    return Fit(float(coef[0]), float(coef[1]), float(coef[2]), tuple(int(x) for x in stages))
+
+
+def fits(rows: list[dict[str, Any]]) -> dict[str, Fit]:
+    """Fits of the mean and the max over the even S (all S when fewer than 3 are even)."""
+    even = [r for r in rows if r["stages"] % 2 == 0]
+    use = even if len({r["stages"] for r in even}) >= 3 else rows
+    s = [r["stages"] for r in use]
+    return {"steady_mean": quadratic_fit(s, [r["steady_mean"] for r in use]),
+            "steady_max": quadratic_fit(s, [r["steady_max"] for r in use])}
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    """S, mean, p10, max, S^2 - S/2, match, startup max."""
+    body = [(r["stages"], f"{r['steady_mean']:.2f}", f"{r['steady_p10']:.1f}",
+             r["steady_max"], r["formula_max"],
+             "yes" if r["steady_max"] == r["formula_max"] else "**no**", r["startup_max"])
+            for r in rows]
+    return markdown_table(("S", "mean", "p10", "max", "⌊S²−S/2⌋", "max = formula",
+                           "startup max"), body)
+
+
+def plot(rows: list[dict[str, Any]], fitted: dict[str, Fit], path: str | Path) -> Path:
+    """Log-log plot of the four statistics vs S with the fitted quadratics dashed."""
+    plt = pyplot()
+    s = np.array([r["stages"] for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    styles = {"steady_max": ("max", "C3", "o"), "startup_max": ("startup max", "C1", "^"),
+              "steady_mean": ("mean", "C0", "s"), "steady_p10": ("p10", "C2", "v")}
+    for key, (label, color, marker) in styles.items():
+        ax.plot(s, [r[key] for r in rows], marker, color=color, ms=3.5, label=label)
+    grid = np.geomspace(s.min(), s.max(), 200)
+    for key, fit in fitted.items():
+        name = "max" if key == "steady_max" else "mean"
+        ax.plot(grid, fit(grid), "--", color="k" if name == "max" else "0.5", lw=1,
+                label=f"fit {name}: {fit.text()}")
+    ax.set(xscale="log", yscale="log", xlabel="stages S",
+           ylabel="global delay (block updates)",
+           title="PD 1F1B delays, steady state (N = 10 S)")
+    power_ticks(ax, s)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def power_ticks(ax: Any, s: np.ndarray) -> None:
+    """x ticks at the powers of two inside the range of `s`, labelled as integers."""
+    ticks = [2 ** e for e in range(0, 12) if s.min() <= 2 ** e <= s.max()]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xticks([], minor=True)
+
+
+def parse_stages(text: str) -> list[int]:
+    """'2,4,8' or '2-16' or '2-16:2' (step) -> sorted distinct S >= 1."""
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                span, _, step = part.partition(":")
+                lo, hi = (int(x) for x in span.split("-"))
+                out.update(range(lo, hi + 1, int(step or 1)))
+            elif part:
+                out.add(int(part))
+        except ValueError:
+            raise ToolError(f"--stages: expected e.g. 2,4,8 or 2-128:2 (got {text!r})") from None
+    if not out or min(out) < 1:
+        raise ToolError(f"--stages: every S must be >= 1 (got {text!r})")
+    return sorted(out)
+
+
+def run(stages: Sequence[int], out: Path | None, per_stage: int = 10, jobs: int = 1
+        ) -> tuple[list[dict[str, Any]], dict[str, Fit], str]:
+    """Compute, fit, and (with `out`) write delays_vs_s.{md,json,png}; returns the parts."""
+    rows = delay_table(stages, per_stage, jobs)
+    fitted = fits(rows)
+    text = table_markdown(rows) + "\n\n" + "\n".join(
+        f"- fit of the {k.split('_')[1]} over S = {min(f.stages)}..{max(f.stages)} "
+        f"({len(f.stages)} values): {f.text()}" for k, f in fitted.items())
+    if out is not None:
+        write_text(out / "delays_vs_s.md", text)
+        payload = {"rows": [{k: r[k] for k in ("stages", *COLUMNS, "formula_max")}
+                            for r in rows],
+                   "fits": {k: {"a": f.a, "b": f.b, "c": f.c, "stages": list(f.stages)}
+                            for k, f in fitted.items()}}
+        write_text(out / "delays_vs_s.json", json.dumps(payload, indent=1))
+        plot(rows, fitted, out / "delays_vs_s.png")
+    return rows, fitted, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="delays_vs_s", description=__doc__.splitlines()[0])
+    p.add_argument("--stages", default=None,
+                   help="S values: '2,4,8', '2-128:2' (default: every even S <= 128 and "
+                        f"{', '.join(map(str, ODD_STAGES))})")
+    p.add_argument("--per-stage", type=int, default=10, help="microbatches per stage (N/S)")
+    p.add_argument("--out", type=Path, default=None, help="folder for .md/.json/.png")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        stages = parse_stages(args.stages) if args.stages else list(DEFAULT_STAGES)
+        _, _, text = run(stages, args.out, args.per_stage, args.jobs)
+        print(text)
+        return 0
+    return guarded(body)

@@ -1,0 +1,198 @@
+"""The RPD theory check: the running average of ‖∇f(w_k)‖² next to the paper's bound
+
+    (1/K) Σ_{k<K} ‖∇f(w_k)‖²  ≤  2SΔ0/(γK) + γSLG² + γ²L²δ²G²,
+
+with S = attrs stages, γ = attrs lr, L = attrs L, δ = attrs delta (the bound in force; for a
+PD ledger its largest delay), Δ0 = f(w0) − f⋆ (from the ledger's first objective point) and
+G = the largest block-gradient norm the ledger recorded (updates.grad_norm).
+
+A ledger stores objective values and final blocks, not iterates, so the run is simulated again
+from the ledger's own configuration (`RunConfig.from_dict(record.config)`, same seed) with the
+model wrapped in a probe that evaluates the full gradient wherever the engine evaluates the
+objective (every `--every` slots). The check that the re-run reproduces the ledger's final
+blocks is reported. The average over k < K weights each sample by the updates until the next.
+
+    rpd-mpi tool theory rpd.h5 [--every 1] [--out theory.png] [--json]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rpd_mpi.analysis.common import (Parser, ToolError, fmt, guarded, markdown_table, pyplot,
+                                     save_png)
+from rpd_mpi.build import build, simulate_run
+from rpd_mpi.config import RunConfig
+from rpd_mpi.ledger.run_file import read_run
+from rpd_mpi.records import RunRecord
+
+
+class GradientProbe:
+    """A model proxy: every `full_objective(w)` also records ‖∇f(w)‖² (full gradient).
+
+    It hides `objective_tracker`, so the simulator evaluates through `full_objective`.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.sq_norms: list[float] = []
+
+    def full_objective(self, w: np.ndarray) -> float:
+        g = self._model.full_gradient(w)
+        self.sq_norms.append(float(g @ g))
+        return self._model.full_objective(w)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "objective_tracker" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._model, name)
+
+
+@dataclass(frozen=True)
+class Constants:
+    """The quantities of the bound, as read from a ledger."""
+
+    S: int
+    lr: float
+    L: float
+    delta: int
+    G: float
+    delta0: float
+
+    def terms(self, K: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(2SΔ0/(γK), γSLG², γ²L²δ²G²) at each K."""
+        K = np.asarray(K, dtype=float)
+        t1 = 2 * self.S * self.delta0 / (self.lr * K)
+        t2 = np.full_like(K, self.lr * self.S * self.L * self.G ** 2)
+        t3 = np.full_like(K, (self.lr * self.L * self.delta * self.G) ** 2)
+        return t1, t2, t3
+
+
+@dataclass(frozen=True)
+class Check:
+    """The measured running average and the bound at every sampled K."""
+
+    constants: Constants
+    K: np.ndarray
+    average: np.ndarray
+    bound: np.ndarray
+    reproduced: bool
+
+
+def constants_of(record: RunRecord) -> Constants:
+    """S, γ, L, δ, G and Δ0 of a ledger; ToolError when one is missing."""
+    a = record.attrs
+    if a.get("L") is None or a.get("f_star") is None:
+        raise ToolError("the ledger's objective has no known L or f* (the bound needs both)")
+    if len(record.updates) == 0 or record.objective.value.size == 0:
+        raise ToolError("the ledger has no updates or no objective values")
+    return Constants(S=int(a["stages"]), lr=float(a["lr"]), L=float(a["L"]),
+                     delta=int(a["delta"]), G=float(np.max(record.updates.grad_norm)),
+                     delta0=float(record.objective.value[0]) - float(a["f_star"]))
+
+
+def rerun_gradients(record: RunRecord, every: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(k, ‖∇f(w_k)‖²) along a re-run of the ledger's configuration, and whether the re-run
+    reproduced the ledger's final blocks exactly."""
+    cfg = dataclasses.replace(RunConfig.from_dict(record.config), eval_every=every)
+    probe = GradientProbe(build(cfg))
+    again = simulate_run(cfg, probe)
+    k = np.asarray(again.objective.k)
+    if len(probe.sq_norms) != k.size:
+        raise ToolError(f"gradient samples ({len(probe.sq_norms)}) do not match objective "
+                        f"points ({k.size}): the engine evaluated the objective elsewhere")
+    same = len(again.final_blocks) == len(record.final_blocks) and all(
+        np.array_equal(a, b) for a, b in zip(again.final_blocks, record.final_blocks))
+    return k, np.array(probe.sq_norms), same
+
+
+def running_average(k: np.ndarray, sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(K, (1/K) Σ_{k<K} ‖∇f(w_k)‖²): sample i stands for the iterates k_i .. k_{i+1}-1."""
+    weights = np.diff(k).astype(float)
+    K = k[1:].astype(float)
+    avg = np.cumsum(sq[:-1] * weights) / np.maximum(K, 1.0)
+    keep = K > 0
+    return K[keep], avg[keep]
+
+
+def check(record: RunRecord, every: int = 1) -> Check:
+    """Re-run, measure, and evaluate the bound at the same K."""
+    c = constants_of(record)
+    k, sq, same = rerun_gradients(record, every)
+    K, avg = running_average(k, sq)
+    if K.size == 0:
+        raise ToolError("the re-run has no gradient samples after the first update")
+    return Check(c, K, avg, sum(c.terms(K)), same)
+
+
+def checkpoints(res: Check) -> list[int]:
+    """Indices of the samples nearest 10 %, 25 %, 50 % and 100 % of the run."""
+    target = np.array([0.1, 0.25, 0.5, 1.0]) * res.K[-1]
+    return sorted({int(np.argmin(np.abs(res.K - t))) for t in target})
+
+
+def table(res: Check) -> str:
+    """K, measured average, bound and its three terms, bound / measured."""
+    t1, t2, t3 = res.constants.terms(res.K)
+    rows = [(int(res.K[i]), fmt(res.average[i]), fmt(res.bound[i]), fmt(t1[i]), fmt(t2[i]),
+             fmt(t3[i]), fmt(res.bound[i] / res.average[i]) if res.average[i] > 0 else "inf")
+            for i in checkpoints(res)]
+    return markdown_table(("K", "mean ‖∇f‖² (measured)", "bound", "2SΔ0/(γK)", "γSLG²",
+                           "γ²L²δ²G²", "bound / measured"), rows)
+
+
+def describe_constants(res: Check) -> str:
+    c = res.constants
+    return (f"S={c.S} γ={c.lr:g} L={c.L:.4g} δ={c.delta} G={c.G:.4g} Δ0={c.delta0:.4g}; "
+            f"re-run reproduces the ledger's final blocks: {'yes' if res.reproduced else 'NO'}")
+
+
+def plot(res: Check, path: str | Path, title: str = "") -> Path:
+    """Measured running average, the bound and its terms vs K (log y)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    ax.plot(res.K, res.average, color="C0", lw=1.6, label="measured (1/K) Σ ‖∇f(w_k)‖²")
+    ax.plot(res.K, res.bound, color="k", lw=1.6, label="bound")
+    names = ("2SΔ0/(γK)", "γSLG²", "γ²L²δ²G²")
+    for term, name, color in zip(res.constants.terms(res.K), names, ("C1", "C2", "C3")):
+        ax.plot(res.K, term, "--", color=color, lw=1, label=name)
+    ax.set(yscale="log", xlabel="block updates K", ylabel="squared gradient norm",
+           title=title or "RPD theory check")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def to_json(res: Check) -> dict[str, Any]:
+    i = -1
+    return {"constants": dataclasses.asdict(res.constants), "K": int(res.K[i]),
+            "measured": float(res.average[i]), "bound": float(res.bound[i]),
+            "holds": bool(np.all(res.bound >= res.average)), "reproduced": res.reproduced}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="theory", description=__doc__.splitlines()[0])
+    p.add_argument("ledger", help="run.h5 (RPD; PD works too, with δ = its largest delay)")
+    p.add_argument("--every", type=int, default=1, help="gradient cadence in slots")
+    p.add_argument("--out", type=Path, default=Path("theory.png"), help="PNG to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        if args.every < 1:
+            raise ToolError(f"--every must be >= 1 (got {args.every})")
+        res = check(read_run(args.ledger), args.every)
+        plot(res, args.out, f"theory check: {args.ledger}")
+        if args.json:
+            print(json.dumps(to_json(res)))
+        else:
+            print(f"{describe_constants(res)}\n\n{table(res)}\n\nbound holds at every K: "
+                  f"{'yes' if to_json(res)['holds'] else 'NO'}\nwrote {args.out}")
+        return 0
+    return guarded(body)

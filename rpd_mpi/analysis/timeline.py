@@ -1,0 +1,195 @@
+"""Gantt chart of a run's events, or of a schedule generated from flags; bubble fractions.
+
+Events (EVENT_DTYPE) come from a ledger — unit-time simulator runs: start/end in slots; MPI
+runs: seconds since the start — or from a generated timeline (`--method pd --stages 4
+--microbatches 8`). One row per rank (stage, and group when G > 1); forwards, backwards and
+averaging (op codes 1, 2, 3) are coloured bars, idle time is the grey background; LocalSGD
+averages of a unit-time run are dashed lines. The bubble fraction of a rank is the share of
+the run's span [first start, last end] in which it runs no forward or backward.
+
+    rpd-mpi tool timeline run.h5 --out gantt.png [--window 0:80]
+    rpd-mpi tool timeline --method localsgd --stages 4 --trajectories 4 --local-steps 2 \
+        --microbatches 16 --out gantt.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from rpd_mpi.analysis.common import Parser, ToolError, guarded, markdown_table, pyplot, save_png
+from rpd_mpi.build import schedule_of
+from rpd_mpi.config import RunConfig
+from rpd_mpi.engines.sim import sim_events
+from rpd_mpi.ledger.run_file import read_run
+from rpd_mpi.records import AVG, BWD, FWD, RunRecord
+from rpd_mpi.schedule.generate import generate
+from rpd_mpi.schedule.timeline import Timeline
+
+OPS = {FWD: ("forward", "#4C72B0"), BWD: ("backward", "#DD8452"), AVG: ("average", "#55A868")}
+MAX_LABELS = 600          # microbatch numbers are written into bars only below this count
+
+
+def schedule_events(tl: Timeline) -> np.ndarray:
+    """The unit-time events of a timeline (start = slot, end = slot + 1)."""
+    return sim_events(tl, 1, np.zeros((1, tl.microbatches, tl.stages), dtype=np.int64))
+
+
+def ledger_events(record: RunRecord, name: str = "ledger") -> tuple[np.ndarray, list[float]]:
+    """A ledger's events and, for a unit-time LocalSGD run, the slots where it averaged."""
+    events = record.events
+    if events.shape[0] == 0:
+        raise ToolError(f"{name} has no events (an RPD run has no schedule; draw its PD "
+                        f"schedule with --method pd --stages S --microbatches N)")
+    averages: list[float] = []
+    no_avg_events = not np.any(events["op"] == AVG)
+    if record.attrs.get("method") == "localsgd" and no_avg_events:
+        averages = [t + 1.0 for t in schedule_of(RunConfig.from_dict(record.config)).averages]
+    return events, averages
+
+
+def bubble_table(events: np.ndarray) -> list[dict[str, Any]]:
+    """Per rank: busy shares of F, B, averaging and the bubble (idle) fraction of the span."""
+    t0, t1 = float(events["start"].min()), float(events["end"].max())
+    span = max(t1 - t0, 1e-300)
+    rows = []
+    for rank in np.unique(events["rank"]):
+        ev = events[events["rank"] == rank]
+        share = {op: float(np.sum((ev["end"] - ev["start"])[ev["op"] == op])) / span
+                 for op in OPS}
+        rows.append({"rank": int(rank), "group": int(ev["group"][0]),
+                     "stage": int(ev["stage"][0]), "forward": share[FWD],
+                     "backward": share[BWD], "average": share[AVG],
+                     "bubble": 1.0 - share[FWD] - share[BWD],
+                     "wait": float(ev["wait"].sum()) / span})
+    return rows
+
+
+def bubble_markdown(rows: list[dict[str, Any]]) -> str:
+    """The per-rank table, plus the mean bubble fraction."""
+    body = [(r["rank"], r["group"], r["stage"], f"{r['forward']:.3f}", f"{r['backward']:.3f}",
+             f"{r['average']:.3f}", f"{r['bubble']:.3f}", f"{r['wait']:.3f}") for r in rows]
+    mean = float(np.mean([r["bubble"] for r in rows]))
+    return (markdown_table(("rank", "group", "stage", "F", "B", "avg", "bubble", "wait"), body)
+            + f"\n\nmean bubble fraction: {mean:.4f}")
+
+
+def _row_labels(events: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    ranks = np.unique(events["rank"])
+    groups = np.unique(events["group"])
+    labels = []
+    for r in ranks:
+        ev = events[events["rank"] == r][0]
+        labels.append(f"g{ev['group']} s{ev['stage']}" if groups.size > 1 else f"s{ev['stage']}")
+    return ranks, labels
+
+
+def _window(events: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    if window is None:
+        return events
+    lo, hi = window
+    keep = (events["end"] > lo) & (events["start"] < hi)
+    if not np.any(keep):
+        raise ToolError(f"--window {lo:g}:{hi:g} holds no events (the run spans "
+                        f"{events['start'].min():g}..{events['end'].max():g})")
+    return events[keep]
+
+
+def plot_gantt(events: np.ndarray, path: str | Path, *, title: str = "",
+               averages: Sequence[float] = (), window: tuple[float, float] | None = None,
+               unit: str = "slot") -> Path:
+    """Draw the Gantt chart of `events` (optionally only `window`) into a PNG."""
+    plt = pyplot()
+    shown = _window(events, window)
+    ranks, labels = _row_labels(events)
+    lo = window[0] if window else float(events["start"].min())
+    hi = window[1] if window else float(events["end"].max())
+    height = 1.0 + 0.38 * len(ranks)
+    fig, ax = plt.subplots(figsize=(min(14.0, 4 + 0.12 * (hi - lo)) if unit == "slot" else 10,
+                                    height))
+    ax.barh(np.arange(len(ranks)), hi - lo, left=lo, height=0.8, color="#E6E6E6",
+            label="idle")
+    index = {int(r): i for i, r in enumerate(ranks)}
+    for op, (name, color) in OPS.items():
+        ev = shown[shown["op"] == op]
+        if ev.shape[0]:
+            ax.barh([index[int(r)] for r in ev["rank"]], ev["end"] - ev["start"],
+                    left=ev["start"], height=0.8, color=color, edgecolor="white", lw=0.4,
+                    label=name)
+    _write_microbatches(ax, shown, index, hi - lo)
+    for i, t in enumerate(x for x in averages if lo <= x <= hi):
+        ax.axvline(t, color=OPS[AVG][1], ls="--", lw=1.2, label=None if i else "average")
+    ax.set(yticks=np.arange(len(ranks)), yticklabels=labels, xlim=(lo, hi),
+           xlabel="slot" if unit == "slot" else "seconds", title=title)
+    ax.invert_yaxis()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.75 * height)), ncol=4,
+              fontsize=8, frameon=False)
+    return save_png(fig, path)
+
+
+def _write_microbatches(ax: Any, ev: np.ndarray, index: dict[int, int], width: float) -> None:
+    busy = ev[(ev["op"] == FWD) | (ev["op"] == BWD)]
+    if busy.shape[0] > MAX_LABELS or width <= 0:
+        return
+    size = 7 if width <= 60 else 5
+    for e in busy:
+        ax.text((e["start"] + e["end"]) / 2, index[int(e["rank"])], str(int(e["microbatch"])),
+                ha="center", va="center", fontsize=size, color="white")
+
+
+def parse_window(text: str | None) -> tuple[float, float] | None:
+    """'A:B' -> (A, B) with A < B."""
+    if not text:
+        return None
+    try:
+        lo, hi = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ToolError(f"--window must be START:END (got {text!r})") from None
+    if not hi > lo:
+        raise ToolError(f"--window end must exceed its start (got {text!r})")
+    return lo, hi
+
+
+def _from_flags(args: Any) -> tuple[np.ndarray, list[float], str]:
+    try:
+        tl = generate(args.method, args.stages, args.microbatches, noam=args.noam,
+                      trajectories=args.trajectories, local_steps=args.local_steps,
+                      flush=args.flush)
+    except ValueError as err:
+        raise ToolError(str(err)) from None
+    title = (f"{args.method} S={tl.stages} N={tl.microbatches}"
+             + (f" R={tl.trajectories} H={tl.local_steps}" if args.method == "localsgd" else "")
+             + f": {tl.slots} slots")
+    return schedule_events(tl), [t + 1.0 for t in tl.averages], title
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="timeline", description=__doc__.splitlines()[0])
+    p.add_argument("ledger", nargs="?", help="run.h5 (omit to draw a schedule from flags)")
+    p.add_argument("--method", choices=("pd", "localsgd", "gpipe", "naive"), default="pd")
+    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--noam", type=int, default=0)
+    p.add_argument("--trajectories", type=int, default=1)
+    p.add_argument("--local-steps", type=int, default=1)
+    p.add_argument("--flush", type=int, default=0)
+    p.add_argument("--window", default=None, help="START:END of the time axis to draw")
+    p.add_argument("--out", type=Path, default=Path("timeline.png"), help="PNG to write")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        if args.ledger:
+            record = read_run(args.ledger)
+            events, averages = ledger_events(record, args.ledger)
+            unit = "slot" if record.attrs.get("engine") == "sim" else "s"
+            title = f"{args.ledger}: {record.attrs.get('method')} S={record.attrs.get('stages')}"
+        else:
+            (events, averages, title), unit = _from_flags(args), "slot"
+        plot_gantt(events, args.out, title=title, averages=averages,
+                   window=parse_window(args.window), unit=unit)
+        print(bubble_markdown(bubble_table(events)))
+        print(f"wrote {args.out}")
+        return 0
+    return guarded(body)

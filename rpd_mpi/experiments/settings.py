@@ -1,0 +1,27 @@
+"""What every experiment preset takes (`Settings`) and hands back (`Outcome`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where an experiment writes, whether it is the reduced version, how many processes."""
+
+    out: Path
+    quick: bool = False
+    jobs: int = 2
+    log: Callable[[str], None] | None = None     # progress lines (main: stderr)
+
+
+@dataclass
+class Outcome:
+    """What an experiment hands back: its Markdown table, plot, numbers and notes."""
+
+    table: str
+    png: Path
+    measured: dict[str, Any]
+    notes: list[str] = field(default_factory=list)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from rpd_mpi.engines.sim import simulate
 from rpd_mpi.ledger import LedgerError, read_arrays, read_run
 from rpd_mpi.objectives import build_model
 from rpd_mpi.objectives.charlm import build_charlm
+from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.progress import Progress
 from rpd_mpi.records import RunRecord, Trace
 from rpd_mpi.schedule.delays import update_order
@@ -59,7 +61,7 @@ def load_data(path: str) -> dict[str, np.ndarray]:
     return {k: arrays[k] for k in ("X", "y", "w_true", "f_star") if k in arrays}
 
 
-def build(cfg: RunConfig) -> Any:
+def build(cfg: RunConfig) -> Model:
     """The model of a configuration (data file read and checked here)."""
     obj, S = cfg.objective, cfg.schedule.stages
     if obj.name == "charlm":
@@ -80,7 +82,7 @@ def build(cfg: RunConfig) -> Any:
         raise ConfigError("--data" if data else "--objective", str(err)) from None
 
 
-def _charlm(cfg: RunConfig) -> Any:
+def _charlm(cfg: RunConfig) -> Model:
     obj, text = cfg.objective, None
     if obj.data:
         try:
@@ -105,7 +107,7 @@ def schedule_of(cfg: RunConfig) -> Timeline:
                         flush=sch.flush, budget=sch.budget_slots)
 
 
-def simulate_run(cfg: RunConfig, model: Any | None = None) -> RunRecord:
+def simulate_run(cfg: RunConfig, model: Model | None = None) -> RunRecord:
     """Run the simulator for `cfg` and return the complete record."""
     model = model if model is not None else build(cfg)
     tl = schedule_of(cfg)
@@ -119,17 +121,27 @@ def simulate_run(cfg: RunConfig, model: Any | None = None) -> RunRecord:
     return to_record(cfg, model, trace, tl, engine="sim", delta=delta)
 
 
-def _rpd(cfg: RunConfig, model: Any, tl: Timeline) -> tuple[Trace, int]:
-    plan, delta, clock = rpd_setup(cfg, model, tl)
-    return simulate_rpd(model, cfg.lr, plan, delta=delta, clock=clock,
+@dataclass(frozen=True)
+class RPDSetup:
+    """What an RPD run executes: the plan, its delay bound, its unit-time clock (the PD
+    timeline's update slots; None when K exceeds the PD run's updates)."""
+
+    plan: RPDPlan
+    delta: int
+    clock: np.ndarray | None
+
+
+def _rpd(cfg: RunConfig, model: Model, tl: Timeline) -> tuple[Trace, int]:
+    setup = rpd_setup(cfg, model, tl)
+    return simulate_rpd(model, cfg.lr, setup.plan, delta=setup.delta, clock=setup.clock,
                         eval_every=cfg.eval_every,
-                        progress=Progress(plan.stage.size, what="updates").tick), delta
+                        progress=Progress(setup.plan.stage.size, what="updates").tick), \
+        setup.delta
 
 
-def rpd_setup(cfg: RunConfig, model: Any, tl: Timeline
-              ) -> tuple[RPDPlan, int, np.ndarray | None]:
-    """The RPD plan, its delay bound and its unit-time clock (the PD timeline's update
-    slots) for a configuration; identical on every process that calls it."""
+def rpd_setup(cfg: RunConfig, model: Model, tl: Timeline) -> RPDSetup:
+    """The RPD plan, its delay bound and its clock for a configuration; identical on every
+    process that calls it."""
     order = update_order(tl)
     K = cfg.rpd.updates or order.slot.size
     replay = None
@@ -141,7 +153,7 @@ def rpd_setup(cfg: RunConfig, model: Any, tl: Timeline
     plan = rpd_plan(K, cfg.schedule.stages, model.num_batches, delta,
                     cfg.rpd.delay_source, cfg.seed, replay)
     clock = (order.slot + 1) if K <= order.slot.size else None
-    return plan, delta, clock
+    return RPDSetup(plan, delta, clock)
 
 
 def _pd_delays(cfg: RunConfig, updates: int) -> np.ndarray:
@@ -163,9 +175,9 @@ def replayed_delays(path: str, stages: int, updates: int) -> np.ndarray:
     return delays
 
 
-def to_record(cfg: RunConfig, model: Any, trace: Trace, tl: Timeline | None, *,
+def to_record(cfg: RunConfig, model: Model, trace: Trace, tl: Timeline | None, *,
               engine: str, delta: int, extra: dict[str, Any] | None = None) -> RunRecord:
-    """Wrap an engine's trace with the attributes every ledger carries (DESIGN 5)."""
+    """Wrap an engine's trace with the attributes every ledger carries (docs/DESIGN.md 5)."""
     sch = cfg.schedule
     attrs = {
         "method": sch.method, "stages": sch.stages, "groups": sch.groups,

@@ -10,7 +10,7 @@ Op codes (shared by schedules, events and ledgers):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +30,47 @@ UPDATE_FIELDS = (
     "k", "stage", "group", "trajectory", "microbatch", "batch", "version",
     "local_staleness", "loss", "grad_norm", "time",
 )
+
+
+class UpdateRow(NamedTuple):
+    """One block update, as every engine describes it (field order = `UPDATE_ROW_DTYPE`)."""
+
+    stage: int
+    group: int
+    trajectory: int
+    microbatch: int          # RPD: the iteration index k
+    batch: int
+    version: int             # version of the block read by F (= the version updated by B)
+    local_staleness: int     # versions of this block applied between the read and the update
+    loss: float              # last-stage loss of the microbatch (NaN where not known yet)
+    grad_norm: float         # norm of the block gradient applied
+    start: float             # when the backward began (slots or seconds)
+    end: float               # when the update completed (slots or seconds)
+
+
+UPDATE_ROW_DTYPE = np.dtype([
+    ("stage", "i4"), ("group", "i4"), ("trajectory", "i4"),
+    ("microbatch", "i8"), ("batch", "i8"), ("version", "i8"), ("local_staleness", "i8"),
+    ("loss", "f8"), ("grad_norm", "f8"), ("start", "f8"), ("end", "f8"),
+])
+
+
+def row_array(rows: list[UpdateRow]) -> np.ndarray:
+    """Rows as a structured array of `UPDATE_ROW_DTYPE`."""
+    return np.array(rows, dtype=UPDATE_ROW_DTYPE) if rows else np.zeros(0, UPDATE_ROW_DTYPE)
+
+
+def to_updates(rows: np.ndarray, delays: np.ndarray) -> Updates:
+    """`Updates` from rows already in global order k and their K x S global delays."""
+    return Updates(stage=rows["stage"].astype(np.int64), group=rows["group"].astype(np.int64),
+                   trajectory=rows["trajectory"].astype(np.int64),
+                   microbatch=rows["microbatch"].astype(np.int64),
+                   batch=rows["batch"].astype(np.int64),
+                   version=rows["version"].astype(np.int64),
+                   local_staleness=rows["local_staleness"].astype(np.int64),
+                   delays=np.array(delays[: rows.size], dtype=np.int64),
+                   loss=rows["loss"].astype(float), grad_norm=rows["grad_norm"].astype(float),
+                   time=rows["end"].astype(float))
 
 
 def empty_events(n: int = 0) -> np.ndarray:

@@ -5,7 +5,8 @@ import pytest
 
 from reference import reference_pipeline, reference_rpd
 from rpd_mpi.objectives import build_model
-from rpd_mpi.engines.rpd import BlockHistory, rpd_plan, simulate_rpd
+from rpd_mpi.engines.blocks import BlockHistory
+from rpd_mpi.engines.rpd import rpd_plan, simulate_rpd
 from rpd_mpi.schedule.generate import generate
 from rpd_mpi.engines.sim import simulate
 

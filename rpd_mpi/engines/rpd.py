@@ -1,4 +1,4 @@
-"""Randomized PipeDream (DESIGN 2.6, Algorithm 1 of the paper): stale block SGD.
+"""Randomized PipeDream (docs/DESIGN.md 2.6, Algorithm 1 of the paper): stale block SGD.
 
 Iteration k reads every block i at the global index j_k^(i) (0 <= k - j_k^(i) <= delta),
 samples a stage s_k and a batch m_k, runs the forward of m_k through all stages at the mixed
@@ -6,19 +6,21 @@ model z_k, the backward from the last stage down to s_k, and updates block s_k o
 
 `rpd_plan` draws (stage, batch, delays) for every iteration from one seeded generator, so any
 process that calls it with the same arguments gets the same plan (the MPI ranks do). Only the
-last delta + 1 versions of each block are kept (`BlockHistory`). Pure: no MPI, no h5py.
+last delta + 1 versions of each block are kept (`blocks.BlockHistory`, inside each stage's
+`BlockState`, which applies every update). Pure: no MPI, no h5py.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from rpd_mpi.records import Objective, Trace, Updates, empty_events
+from rpd_mpi.engines.blocks import BlockState
+from rpd_mpi.engines.cadence import due
+from rpd_mpi.objectives.protocol import Model, Stage
+from rpd_mpi.records import Objective, Trace, UpdateRow, empty_events, row_array, to_updates
 
 
 @dataclass(frozen=True)
@@ -64,86 +66,50 @@ def _replayed(replay: np.ndarray | None, updates: int, stages: int) -> np.ndarra
     return d.copy()
 
 
-class BlockHistory:
-    """The last `delta + 1` versions of one block, addressable by global update index."""
-
-    def __init__(self, w0: np.ndarray, delta: int) -> None:
-        self.ring = np.zeros((delta + 1, w0.size), dtype=w0.dtype)
-        self.ring[0] = w0
-        self.updated_at: list[int] = []     # global indices k at which this block changed
-        self.depth = delta + 1
-
-    @property
-    def version(self) -> int:
-        return len(self.updated_at)
-
-    def at(self, j: int) -> tuple[np.ndarray, int]:
-        """The block as it was after j global updates, and its version."""
-        v = bisect.bisect_left(self.updated_at, j)
-        if self.version - v >= self.depth:
-            raise IndexError(f"version {v} is older than the {self.depth} kept")
-        return self.ring[v % self.depth], v
-
-    def push(self, w: np.ndarray, k: int) -> None:
-        self.updated_at.append(k)
-        self.ring[self.version % self.depth] = w
-
-
-def simulate_rpd(model: Any, lr: float, plan: RPDPlan, *, delta: int,
+def simulate_rpd(model: Model, lr: float, plan: RPDPlan, *, delta: int,
                  clock: np.ndarray | None = None, eval_every: int = 1,
                  progress: Callable[[int], None] | None = None) -> Trace:
-    """Run RPD for len(plan.stage) iterations. `clock[k]` is the time (slots) of update k;
-    `progress(updates_done)` is called after every update when given."""
+    """Run RPD for len(plan.stage) iterations. `clock[k]` is the time (slots) of update k
+    (default: k + 1); the objective is recorded at the `--eval-every` cadence, checked when
+    the clock moves on. `progress(updates_done)` is called after every update when given."""
     S, K = model.stages, plan.stage.size
     w = model.init_weights()
-    hist = [BlockHistory(w[sl], delta) for sl in model.slices]
+    states = [BlockState(s, [w[sl]], lr, history=delta) for s, sl in enumerate(model.slices)]
     mods = [model.make_stage(s) for s in range(S)]
     time = clock[:K].astype(float) if clock is not None else np.arange(1, K + 1, dtype=float)
-    rows, obj = [], ([0.0], [0], [model.full_objective(w)])
+    rows: list[UpdateRow] = []
+    obj_t, obj_k, obj_v = [0.0], [0], [model.full_objective(w)]
+    counted = 0                      # updates done when the objective was last checked
     for k in range(K):
         s_k, m_k = int(plan.stage[k]), int(plan.batch[k])
-        reads = [h.at(k - int(d)) for h, d in zip(hist, plan.delays[k])]
+        reads = [st.read_at(k - int(d)) for st, d in zip(states, plan.delays[k])]
         loss, g_w = _block_gradient(mods, [r[0] for r in reads], s_k, m_k)
-        w[model.slices[s_k]] -= lr * g_w
-        stale = hist[s_k].version - reads[s_k][1]
-        hist[s_k].push(w[model.slices[s_k]], k)
-        rows.append((s_k, m_k, reads[s_k][1], stale, loss, math.sqrt(float(g_w @ g_w))))
+        row = states[s_k].apply(0, g_w, microbatch=k, batch=m_k, version=reads[s_k][1],
+                                loss=loss, start=time[k] - 1.0, end=time[k])
+        assert row is not None                  # RPD has no flushes
+        rows.append(row)
         if progress is not None:
             progress(k + 1)
-        if _evaluate_now(time, k, eval_every):
-            obj[0].append(time[k])
-            obj[1].append(k + 1)
-            obj[2].append(model.full_objective(w))
-    updates = _rpd_updates(rows, plan, time)
-    objective = Objective(np.array(obj[0]), np.array(obj[1], np.int64), np.array(obj[2]))
-    return Trace(updates, objective, w.copy(), empty_events())
+        if k == K - 1 or time[k + 1] != time[k]:     # the clock moves on: check the cadence
+            if due(counted, k + 1, eval_every) or k == K - 1:
+                obj_t.append(time[k])
+                obj_k.append(k + 1)
+                obj_v.append(model.full_objective(w))
+            counted = k + 1
+    objective = Objective(np.array(obj_t), np.array(obj_k, np.int64), np.array(obj_v))
+    return Trace(to_updates(row_array(rows), plan.delays), objective, w.copy(), empty_events())
 
 
-def _block_gradient(mods: list, blocks: list[np.ndarray], s_k: int, batch: int
+def _block_gradient(mods: list[Stage], blocks: list[np.ndarray], s_k: int, batch: int
                     ) -> tuple[float, np.ndarray]:
     """Forward through all stages at z_k, backward from the last stage down to s_k."""
-    a, caches = None, []
+    a: Any = None
+    caches = []
     for mod, wb in zip(mods, blocks):
         a, cache = mod.forward(wb, a, batch)
         caches.append(cache)
     loss, g = mods[-1].loss(a, batch)
+    g_w = g
     for s in range(len(mods) - 1, s_k - 1, -1):
         g_w, g = mods[s].backward(blocks[s], caches[s], g, batch)
     return float(loss), g_w
-
-
-def _evaluate_now(time: np.ndarray, k: int, every: int) -> bool:
-    last = k == time.size - 1
-    return last or (time[k + 1] != time[k] and int(time[k]) % every == 0)
-
-
-def _rpd_updates(rows: list[tuple], plan: RPDPlan, time: np.ndarray) -> Updates:
-    cols = list(zip(*rows)) if rows else [()] * 6
-    K = len(rows)
-    zeros = np.zeros(K, dtype=np.int64)
-    return Updates(stage=np.array(cols[0], np.int64), group=zeros, trajectory=zeros.copy(),
-                   microbatch=np.arange(K, dtype=np.int64), batch=np.array(cols[1], np.int64),
-                   version=np.array(cols[2], np.int64),
-                   local_staleness=np.array(cols[3], np.int64), delays=plan.delays[:K],
-                   loss=np.array(cols[4], float), grad_norm=np.array(cols[5], float),
-                   time=time[:K])

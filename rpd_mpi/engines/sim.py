@@ -3,21 +3,23 @@
 One process holds every stage (and, for LocalSGD, every trajectory and every allreduce group).
 Ops run slot by slot, in stage order within a slot, through a handler table. Weight stashing:
 F(mb, s) stashes the block it read with its version; B(mb, s) computes the gradient with the
-stash and updates the current block. The objective is evaluated at a cadence in slots, at the
-average over model copies. Pure: no MPI, no h5py; the CLI hands the result to the ledger.
-
-Data order: in group g, microbatch mb uses batch (g + G * mb) mod B (G = 1: mb mod B).
+stash and updates the current block, both through the stage's `BlockState`. The objective is
+recorded at the `--eval-every` cadence (`engines.cadence`: every E block updates, checked at
+slot ends), at the average over model copies. Data order: `blocks.batch_of`. Pure: no MPI,
+no h5py; the CLI hands the result to the ledger.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import numpy as np
 
-from rpd_mpi.engines.blocks import FlushBuffer
-from rpd_mpi.records import BWD, FWD, Objective, Trace, Updates, empty_events
+from rpd_mpi.engines.blocks import BlockState, FlushBuffer, batch_of
+from rpd_mpi.engines.cadence import due
+from rpd_mpi.objectives.protocol import Model
+from rpd_mpi.records import (BWD, FWD, Objective, Trace, UpdateRow, Updates, empty_events,
+                             row_array, to_updates)
 from rpd_mpi.schedule.delays import update_order
 from rpd_mpi.schedule.timeline import Timeline
 
@@ -25,61 +27,53 @@ from rpd_mpi.schedule.timeline import Timeline
 class _Engine:
     """State of one simulation; `run` executes the timeline."""
 
-    def __init__(self, tl: Timeline, model: Any, lr: float, groups: int) -> None:
-        self.tl, self.model, self.lr, self.G = tl, model, lr, groups
+    def __init__(self, tl: Timeline, model: Model, lr: float, groups: int) -> None:
+        self.tl, self.model, self.G = tl, model, groups
         self.S, self.R = tl.stages, tl.trajectories
         self.C = groups * self.R
         self.W = np.tile(model.init_weights(), (self.C, 1))
-        self.blocks = [[self.W[c, sl] for sl in model.slices] for c in range(self.C)]
-        self.version = [[0] * self.S for _ in range(self.C)]
+        # one BlockState per (group, stage), serving that group's R trajectories
+        self.state = [[BlockState(s, [self.W[g * self.R + r, sl] for r in range(self.R)], lr,
+                                  group=g, flush=FlushBuffer(tl.flush, tl.microbatches))
+                       for s, sl in enumerate(model.slices)] for g in range(groups)]
         self.mods = [[model.make_stage(s, g) for s in range(self.S)] for g in range(groups)]
         self.tracker = _tracker(model, self.weights())
         self.acts: dict[tuple[int, int, int], Any] = {}    # (g, mb, s) -> output of F(mb, s)
         self.grads: dict[tuple[int, int, int], Any] = {}   # (g, mb, s) -> input grad of B(mb, s)
-        self.stash: dict[tuple[int, int, int], tuple] = {}
         self.losses: dict[tuple[int, int], tuple[float, Any]] = {}
-        self.flush = FlushBuffer(tl.flush, tl.microbatches)
         self.handlers: dict[int, Callable[[int, int, int, int], None]] = {
             FWD: self._forward, BWD: self._backward}
-        self.rows: list[tuple] = []
+        self.rows: list[UpdateRow] = []
         self.fversion = np.zeros((groups, tl.microbatches, self.S), dtype=np.int64)
 
     def _forward(self, g: int, s: int, mb: int, t: int) -> None:
-        c = g * self.R + mb % self.R
-        w = self.blocks[c][s]
+        state, r = self.state[g][s], mb % self.R
         a_in = self.acts.pop((g, mb, s - 1)) if s else None
-        batch = (g + self.G * mb) % self.model.num_batches
+        batch = batch_of(g, self.G, mb, self.model.num_batches)
         mod = self.mods[g][s]
-        a_out, cache = mod.forward(w, a_in, batch)
-        v = self.version[c][s]
-        self.stash[(g, mb, s)] = (w.copy(), v, cache)
-        self.fversion[g, mb, s] = v
+        a_out, cache = mod.forward(state.blocks[r], a_in, batch)
+        self.fversion[g, mb, s] = state.read(r, mb, cache)
         if s == self.S - 1:
             self.losses[(g, mb)] = mod.loss(a_out, batch)
         else:
             self.acts[(g, mb, s)] = a_out
 
     def _backward(self, g: int, s: int, mb: int, t: int) -> None:
-        c = g * self.R + mb % self.R
-        w_read, v, cache = self.stash.pop((g, mb, s))
+        state, r = self.state[g][s], mb % self.R
+        read = state.take(mb)
         loss, g_last = self.losses[(g, mb)]
         g_out = g_last if s == self.S - 1 else self.grads.pop((g, mb, s + 1))
-        batch = (g + self.G * mb) % self.model.num_batches
-        g_w, g_in = self.mods[g][s].backward(w_read, cache, g_out, batch)
+        batch = batch_of(g, self.G, mb, self.model.num_batches)
+        g_w, g_in = self.mods[g][s].backward(read.block, read.cache, g_out, batch)
         if s:
             self.grads[(g, mb, s)] = g_in
         else:
             del self.losses[(g, mb)]
-        g_w = self.flush.add((c, s), mb, g_w)
-        if g_w is None:
-            return
-        step = self.lr * g_w
-        self.blocks[c][s] -= step
-        self.tracker.shift(s, step, -1.0 / self.C)
-        stale = self.version[c][s] - v
-        self.version[c][s] += 1
-        self.rows.append((s, g, mb % self.R, mb, batch, v, stale, loss,
-                          math.sqrt(float(g_w @ g_w)), t + 1))
+        row = state.apply(r, g_w, microbatch=mb, batch=batch, version=read.version,
+                          trajectory=r, loss=loss, start=t, end=t + 1)
+        if row is not None:
+            self.tracker.shift(s, state.last_step, -1.0 / self.C)
+            self.rows.append(row)
 
     def weights(self) -> np.ndarray:
         return self.W[0] if self.W.shape[0] == 1 else self.W.mean(axis=0)
@@ -91,6 +85,7 @@ class _Engine:
                for t in range(tl.slots)]
         obj_t, obj_k, obj_v = [0], [0], [self.tracker.value()]
         for t, slot_ops in enumerate(ops):
+            before = len(self.rows)
             for g in range(self.G):
                 for op, s, mb in slot_ops:
                     self.handlers[op](g, s, mb, t)
@@ -98,7 +93,7 @@ class _Engine:
                 self.W[:] = self.W.mean(axis=0)
             if progress is not None:
                 progress(t + 1)
-            if (t + 1) % eval_every == 0 or t == tl.slots - 1:
+            if due(before, len(self.rows), eval_every) or t == tl.slots - 1:
                 obj_t.append(t + 1)
                 obj_k.append(len(self.rows))
                 obj_v.append(self.tracker.value())
@@ -108,7 +103,7 @@ class _Engine:
 class _FullTracker:
     """Objective along the mean weights for models without an incremental tracker."""
 
-    def __init__(self, model: Any, w: np.ndarray) -> None:
+    def __init__(self, model: Model, w: np.ndarray) -> None:
         self.model, self.w = model, np.array(w, dtype=float)
 
     def shift(self, s: int, delta: np.ndarray, scale: float = 1.0) -> None:
@@ -118,12 +113,12 @@ class _FullTracker:
         return float(self.model.full_objective(self.w))
 
 
-def _tracker(model: Any, w: np.ndarray) -> Any:
+def _tracker(model: Model, w: np.ndarray) -> Any:
     make = getattr(model, "objective_tracker", None)
     return make(w) if make else _FullTracker(model, w)
 
 
-def simulate(tl: Timeline, model: Any, lr: float, *, groups: int = 1,
+def simulate(tl: Timeline, model: Model, lr: float, *, groups: int = 1,
              eval_every: int = 1, progress: Callable[[int], None] | None = None) -> Trace:
     """Execute `tl` on `model` with step size `lr`; `groups` pipelines average together.
     `progress(slots_done)` is called after every slot when given."""
@@ -133,17 +128,12 @@ def simulate(tl: Timeline, model: Any, lr: float, *, groups: int = 1,
     return Trace(updates, objective, eng.weights().copy(), sim_events(tl, groups, eng.fversion))
 
 
-def _updates(rows: list[tuple], tl: Timeline, groups: int) -> Updates:
-    cols = list(zip(*rows)) if rows else [()] * 10
-    ints = [np.array(c, dtype=np.int64) for c in cols[:7]]
+def _updates(rows: list[UpdateRow], tl: Timeline, groups: int) -> Updates:
     order = update_order(tl)
     delays = order.delays
     if groups > 1:   # rows are in (slot, group, stage) order: regroup the per-group delays
         delays = _interleave_groups(order.slot, order.stage, groups, order.delays)
-    return Updates(stage=ints[0], group=ints[1], trajectory=ints[2], microbatch=ints[3],
-                   batch=ints[4], version=ints[5], local_staleness=ints[6],
-                   delays=delays[: len(rows)], loss=np.array(cols[7], float),
-                   grad_norm=np.array(cols[8], float), time=np.array(cols[9], float))
+    return to_updates(row_array(rows), delays)
 
 
 def _interleave_groups(slot: np.ndarray, stage: np.ndarray, groups: int,

@@ -6,27 +6,44 @@ rebuilt from block snapshots, and the attributes of an MPI run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from rpd_mpi.build import to_record
+from rpd_mpi.build import RPDSetup, to_record
 from rpd_mpi.config import RunConfig
 from rpd_mpi.ledger.parts import part_path, read_part, read_part_snapshots
 from rpd_mpi.mpi import comm as commlib
 from rpd_mpi.mpi.measured import fill_losses, global_updates, objective_curve, plan_updates
+from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.records import RunRecord, Trace
+from rpd_mpi.schedule.timeline import Timeline
 
 
-def assemble(cfg: RunConfig, model: Any, tl: Any, plan: Any, size: int,
-             meta: list[dict]) -> RunRecord:
+@dataclass(frozen=True)
+class RankMeta:
+    """What each rank reports to rank 0 at the end of the run (gathered once)."""
+
+    host: str
+    blocked: float                 # seconds blocked in waits
+    strategy: str                  # wait strategy: spin or polite
+    clock_offset: float            # this rank's clock minus rank 0's (seconds)
+    losses: np.ndarray | None      # RPD, last stage: the loss of every iteration
+    device: dict[str, Any] | None  # --device cuda: the rank's GPU and transport
+
+
+def assemble(cfg: RunConfig, model: Model, tl: Timeline, rpd: RPDSetup | None, size: int,
+             meta: list[RankMeta]) -> RunRecord:
     """Rank 0: the run file's record from every rank's part."""
     parts = [read_part(part_path(cfg.out, r)) for r in range(size)]
     events = np.concatenate([p[0] for p in parts])
     rows = np.concatenate([p[1] for p in parts])
-    if plan is not None:
-        rows["loss"] = meta[-1]["losses"][rows["microbatch"]]
-        updates, delta = plan_updates(rows, plan[0]), plan[1]
+    if rpd is not None:
+        losses = meta[-1].losses
+        assert losses is not None, "the last stage of an RPD run reports its losses"
+        rows["loss"] = losses[rows["microbatch"]]
+        updates, delta = plan_updates(rows, rpd.plan), rpd.delta
     else:
         fill_losses(rows, cfg.schedule.stages)
         updates = global_updates(rows, events, cfg.schedule.stages)
@@ -35,14 +52,15 @@ def assemble(cfg: RunConfig, model: Any, tl: Any, plan: Any, size: int,
     copies = cfg.schedule.groups * tl.trajectories
     objective, final = objective_curve(model, snaps, updates.time, cfg.eval_every, copies)
     trace = Trace(updates, objective, final, events)
-    extra = {"mpi_library": commlib.library_version(), "world_size": size,
-             "hosts": sorted({m["host"] for m in meta}),
-             "wait_strategy": [m["strategy"] for m in meta],
-             "blocked_seconds": [m["blocked"] for m in meta],
-             "clock_offsets": [m["clock_offset"] for m in meta],
-             "op_cost": cfg.runtime.op_cost}
+    extra: dict[str, Any] = {
+        "mpi_library": commlib.library_version(), "world_size": size,
+        "hosts": sorted({m.host for m in meta}),
+        "wait_strategy": [m.strategy for m in meta],
+        "blocked_seconds": [m.blocked for m in meta],
+        "clock_offsets": [m.clock_offset for m in meta],
+        "op_cost": cfg.runtime.op_cost}
     if cfg.runtime.device != "cpu":
-        extra["gpus"] = [m["device"] for m in meta]
+        extra["gpus"] = [m.device for m in meta]
     return to_record(cfg, model, trace, tl, engine="mpi", delta=delta, extra=extra)
 
 

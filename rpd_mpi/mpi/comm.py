@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -286,3 +287,50 @@ class SendLink:
             if r is not None:
                 self.waiter.wait([r], lambda: f"{self.name} delivery to rank {self.peer}")
                 self.reqs[i] = None
+
+
+class InLink(Protocol):
+    """What a stage needs of an incoming link (host `RecvLink` or a device link)."""
+
+    def ready(self) -> bool: ...
+    def take(self, mb: int) -> Any: ...
+    def release(self) -> None: ...
+
+
+class OutLink(Protocol):
+    """What a stage needs of an outgoing link (host `SendLink` or a device link)."""
+
+    def send(self, mb: int, payload: Any) -> None: ...
+    def drain(self) -> None: ...
+
+
+@dataclass
+class StageLinks:
+    """The four links of one pipeline stage (None at the ends of the pipeline)."""
+
+    act_in: InLink | None
+    grad_in: InLink | None
+    act_out: OutLink | None
+    grad_out: OutLink | None
+
+    def drain(self) -> None:
+        """Complete every outstanding send of both outgoing links."""
+        for link in (self.act_out, self.grad_out):
+            if link is not None:
+                link.drain()
+
+
+def stage_links(comm: Comm, stage: int, stages: int, shape: tuple[int, ...],
+                activations: int, gradients: int, waiter: Waiter,
+                recv: Callable[..., InLink] = RecvLink,
+                send: Callable[..., OutLink] = SendLink) -> StageLinks:
+    """Links of `stage`: `activations` / `gradients` messages arrive from the stages before /
+    after it; `recv` / `send` make the links (device links on a GPU)."""
+    first, last = stage == 0, stage == stages - 1
+    return StageLinks(
+        act_in=None if first else recv(comm.act_comm, stage - 1, shape, activations, waiter,
+                                       "activation"),
+        grad_in=None if last else recv(comm.grad_comm, stage + 1, shape, gradients, waiter,
+                                       "gradient"),
+        act_out=None if last else send(comm.act_comm, stage + 1, shape, waiter, "activation"),
+        grad_out=None if first else send(comm.grad_comm, stage - 1, shape, waiter, "gradient"))

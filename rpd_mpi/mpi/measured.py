@@ -1,7 +1,7 @@
 """Turn what MPI ranks recorded into global, measured quantities (pure numpy).
 
 - `global_updates`: the updates of all ranks in global order k by measured completion time,
-  with the S-vector of measured global delays (DESIGN 2.3): j_k^(s') counts the updates of the
+  with the S-vector of measured global delays (docs/DESIGN.md 2.3): j_k^(s') counts the updates of the
   same model copy that completed before F(m_k, s') started.
 - `objective_curve`: the objective over wall time, rebuilt from the block snapshots every
   rank took after its updates (no communication during the run).
@@ -9,15 +9,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from rpd_mpi.records import FWD, Objective, Updates
+from rpd_mpi.engines.rpd import RPDPlan
+from rpd_mpi.objectives.protocol import Model
+from rpd_mpi.records import FWD, Objective, Updates, to_updates
 
 
 def global_updates(rows: np.ndarray, events: np.ndarray, stages: int) -> Updates:
-    """`rows`: every rank's PART_UPDATE_DTYPE rows; `events`: every rank's events."""
+    """`rows`: every rank's update rows; `events`: every rank's events."""
     order = np.lexsort((rows["group"], rows["stage"], rows["end"]))
     u = rows[order]
     delays = np.zeros((u.size, stages), dtype=np.int64)
@@ -32,24 +32,12 @@ def global_updates(rows: np.ndarray, events: np.ndarray, stages: int) -> Updates
                            for m in u["microbatch"][idx]]).reshape(idx.size, stages)
         j = np.searchsorted(ends, starts, side="right")
         delays[idx] = np.arange(idx.size)[:, None] - j
-    return Updates(stage=u["stage"].astype(np.int64), group=u["group"].astype(np.int64),
-                   trajectory=u["trajectory"].astype(np.int64),
-                   microbatch=u["microbatch"].copy(), batch=u["batch"].copy(),
-                   version=u["version"].copy(), local_staleness=u["local_staleness"].copy(),
-                   delays=delays, loss=u["loss"].copy(), grad_norm=u["grad_norm"].copy(),
-                   time=u["end"].copy())
+    return to_updates(u, delays)
 
 
-def plan_updates(rows: np.ndarray, plan: Any) -> Updates:
+def plan_updates(rows: np.ndarray, plan: RPDPlan) -> Updates:
     """RPD: the global order is the iteration index k (= microbatch); delays are the plan's."""
-    u = rows[np.argsort(rows["microbatch"], kind="stable")]
-    K = u.size
-    return Updates(stage=u["stage"].astype(np.int64), group=u["group"].astype(np.int64),
-                   trajectory=u["trajectory"].astype(np.int64),
-                   microbatch=u["microbatch"].copy(), batch=u["batch"].copy(),
-                   version=u["version"].copy(), local_staleness=u["local_staleness"].copy(),
-                   delays=plan.delays[:K].copy(), loss=u["loss"].copy(),
-                   grad_norm=u["grad_norm"].copy(), time=u["end"].copy())
+    return to_updates(rows[np.argsort(rows["microbatch"], kind="stable")], plan.delays)
 
 
 def _forward_starts(events: np.ndarray, stages: int) -> dict[tuple[int, int, int], float]:
@@ -67,7 +55,7 @@ def fill_losses(rows: np.ndarray, stages: int) -> None:
                     for g, m in zip(rows["group"], rows["microbatch"])]
 
 
-def objective_curve(model: Any, snaps: list[np.ndarray], times: np.ndarray,
+def objective_curve(model: Model, snaps: list[np.ndarray], times: np.ndarray,
                     every: int, copies: int) -> tuple[Objective, np.ndarray]:
     """f at t = 0, whenever `every` more updates have completed (by end time `times`), and at
     the end, from the latest snapshot of each (stage, copy) at that time, averaged over
@@ -92,7 +80,7 @@ def objective_curve(model: Any, snaps: list[np.ndarray], times: np.ndarray,
     return Objective(np.array(obj_t), np.array(obj_k, np.int64), np.array(obj_v)), w
 
 
-def _weights_at(model: Any, split: list[list[np.ndarray]], t: float) -> np.ndarray:
+def _weights_at(model: Model, split: list[list[np.ndarray]], t: float) -> np.ndarray:
     w = model.init_weights()
     for sl, per_copy in zip(model.slices, split):
         total = np.zeros(sl.stop - sl.start)

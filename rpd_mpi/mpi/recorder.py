@@ -1,8 +1,9 @@
 """What one MPI rank records: events, updates and block snapshots, appended to its part file.
 
-Rows are buffered and appended in blocks (one h5py append per 1024 rows); small blocks are
-snapshot after every update, large ones at the cadence the caller gives. `hold` emulates
-compute for `--op-cost`.
+Rows are buffered and appended in blocks (one h5py append per 1024 rows). Times are seconds
+since the run's common t = 0 (`now`). Small blocks are snapshot after every update (exact
+objective curves); large ones every `engines.cadence.snapshot_every` versions, and always
+after the last. `hold` emulates compute for `--op-cost`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rpd_mpi.ledger.parts import PART_UPDATE_DTYPE, RankPart
+from rpd_mpi.engines.cadence import snapshot_every
+from rpd_mpi.ledger.parts import RankPart
 from rpd_mpi.mpi.comm import Comm, wtime
-from rpd_mpi.records import EVENT_DTYPE
+from rpd_mpi.records import EVENT_DTYPE, UPDATE_ROW_DTYPE, UpdateRow
 
 SNAPSHOT_ALWAYS = 2 ** 16      # blocks up to this many values are snapshot at every update
+ROWS_PER_APPEND = 1024
 
 
 def snapshot_dtype(block_size: int) -> np.dtype:
@@ -37,42 +40,54 @@ class Recorder:
     """This rank's events, updates and snapshots, buffered and appended to its part file."""
 
     def __init__(self, part: RankPart, comm: Comm, t0: float, block_size: int,
-                 every: int = 1, host: Callable[[Any], np.ndarray] = np.asarray) -> None:
+                 eval_every: int = 1, host: Callable[[Any], np.ndarray] = np.asarray) -> None:
         self.part, self.t0, self.host = part, t0, host      # host: device block -> numpy
         self.ids = (comm.rank, comm.group, comm.stage)
-        self.events: list[tuple] = []
-        self.updates: list[tuple] = []
+        self.events: list[tuple[int | float, ...]] = []
+        self.updates: list[UpdateRow] = []
         self.snap = np.zeros(1, dtype=snapshot_dtype(block_size))
-        # small blocks: a snapshot after every update (exact objective curves); large ones
-        # (charlm): every `every` updates, and always after the last (final blocks)
-        self.every = 1 if block_size <= SNAPSHOT_ALWAYS else max(1, every)
+        self.every = 1 if block_size <= SNAPSHOT_ALWAYS else \
+            snapshot_every(eval_every, comm.stages)
         self.taken: dict[int, int] = {}      # copy -> version of its last snapshot
+
+    def now(self) -> float:
+        """Seconds since the run's t = 0."""
+        return wtime() - self.t0
 
     def event(self, op: int, mb: int, traj: int, version: int, start: float, end: float,
               wait: float, nbytes: int = 0) -> None:
+        """One executed op; `start` and `end` are MPI.Wtime() readings."""
         r, g, s = self.ids
         self.events.append((r, g, s, traj, op, mb, version, start - self.t0, end - self.t0,
                             wait, nbytes))
-        if len(self.events) >= 1024:
+        if len(self.events) >= ROWS_PER_APPEND:
             self.flush_rows()
 
-    def update(self, row: tuple, end: float, block: np.ndarray, copy: int, version: int
-               ) -> None:
+    def update(self, row: UpdateRow, block: Any, copy: int, version: int) -> None:
+        """One block update (times in `row` since t = 0) and, at the cadence, a snapshot of
+        the block as it is after it."""
         self.updates.append(row)
         if version % self.every == 0:
-            self.snapshot(end, block, copy, version)
+            self.snapshot(row.end, block, copy, version)
 
-    def snapshot(self, t: float, block: np.ndarray, copy: int, version: int) -> None:
-        """The block of model copy `copy` as it is from time t on."""
+    def snapshot(self, t: float, block: Any, copy: int, version: int) -> None:
+        """The block of model copy `copy` as it is from time t (since t = 0) on."""
         self.taken[copy] = version
-        self.snap["time"], self.snap["version"], self.snap["copy"] = t - self.t0, version, copy
+        self.snap["time"], self.snap["version"], self.snap["copy"] = t, version, copy
         self.snap["block"][0] = self.host(block)
         self.part.append_snapshots(self.snap)
+
+    def final_snapshots(self, blocks: list[Any], copies: list[int], versions: list[int]
+                        ) -> None:
+        """Snapshot every block whose last version has not been snapshot yet."""
+        for block, copy, version in zip(blocks, copies, versions):
+            if self.taken.get(copy) != version:
+                self.snapshot(self.now(), block, copy, version)
 
     def flush_rows(self) -> None:
         if self.events:
             self.part.append_events(np.array(self.events, dtype=EVENT_DTYPE))
             self.events = []
         if self.updates:
-            self.part.append_updates(np.array(self.updates, dtype=PART_UPDATE_DTYPE))
+            self.part.append_updates(np.array(self.updates, dtype=UPDATE_ROW_DTYPE))
             self.updates = []

@@ -16,25 +16,37 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from rpd_mpi.build import build, check_out, rpd_setup, schedule_of
+from rpd_mpi.build import RPDSetup, build, check_out, rpd_setup, schedule_of
 from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.ledger import write_run
 from rpd_mpi.ledger.parts import RankPart, part_path
 from rpd_mpi.mpi import backend as backendlib
 from rpd_mpi.mpi import comm as commlib
 from rpd_mpi.mpi import comm_gpu
-from rpd_mpi.mpi.assemble import assemble
+from rpd_mpi.mpi.assemble import RankMeta, assemble
 from rpd_mpi.mpi.recorder import snapshot_dtype
 from rpd_mpi.mpi.rpd_runner import RPDRunner
 from rpd_mpi.mpi.stage_runner import StageRunner
+from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.records import RunRecord
 from rpd_mpi.schedule.programs import stage_program
+from rpd_mpi.schedule.timeline import Timeline
 
-GPU_METHODS = ("pd", "localsgd")     # the StageRunner methods run and tested on --device cuda
+GPU_METHODS = ("pd", "localsgd")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every rank builds from the configuration before the first message."""
+
+    model: Model
+    timeline: Timeline
+    rpd: RPDSetup | None       # RPD: the plan every rank draws identically     # the StageRunner methods run and tested on --device cuda
 
 
 def check_world(cfg: RunConfig, size: int) -> None:
@@ -63,7 +75,16 @@ def check_world(cfg: RunConfig, size: int) -> None:
                                           f"{cfg.objective.name} objective is numpy-only")
 
 
-def _device(cfg: RunConfig, comm: commlib.Comm) -> tuple[Any, Any, dict[str, Any]]:
+@dataclass(frozen=True)
+class Device:
+    """A rank's GPU set-up: its array backend, the transport's links, what the ledger says."""
+
+    backend: backendlib.Backend
+    links: comm_gpu.Links
+    info: dict[str, Any]
+
+
+def _device(cfg: RunConfig, comm: commlib.Comm) -> Device:
     """(backend, links, ledger info) of this rank for --device cuda. The collectives come
     first, so that every rank reaches them before any check can fail."""
     rt = cfg.runtime
@@ -81,7 +102,7 @@ def _device(cfg: RunConfig, comm: commlib.Comm) -> tuple[Any, Any, dict[str, Any
                                                  f"CUDA-aware ({how}); use --transport "
                                                  f"staged or ipc")
         info["cuda_aware_mpi"] = how
-    return be, comm_gpu.make_links(rt.transport, be.xp), info
+    return Device(be, comm_gpu.make_links(rt.transport, be.xp), info)
 
 
 def _agree(comm: commlib.Comm, error: Exception | None) -> bool:
@@ -94,13 +115,13 @@ def _agree(comm: commlib.Comm, error: Exception | None) -> bool:
     return failed < 0
 
 
-def _prepare(cfg: RunConfig, comm: commlib.Comm) -> tuple[Any, Any, Any]:
+def _prepare(cfg: RunConfig, comm: commlib.Comm) -> Prepared:
     """Model, timeline and (RPD) the plan: everything that can fail on bad input."""
     check_world(cfg, comm.size)
     check_out(cfg.out)
     model, tl = build(cfg), schedule_of(cfg)
-    plan = rpd_setup(cfg, model, tl) if cfg.schedule.method == "rpd" else None
-    return model, tl, plan
+    return Prepared(model, tl, rpd_setup(cfg, model, tl) if cfg.schedule.method == "rpd"
+                    else None)
 
 
 def train(make_config: Callable[[], RunConfig],
@@ -111,7 +132,7 @@ def train(make_config: Callable[[], RunConfig],
     error: Exception | None = None
     try:
         cfg = make_config()
-        model, tl, plan = _prepare(cfg, comm)
+        prep = _prepare(cfg, comm)
     except Exception as err:        # any rank's bad input stops every rank, before a message
         error = err
     if not _agree(comm, error):
@@ -120,12 +141,12 @@ def train(make_config: Callable[[], RunConfig],
     if cfg.runtime.device != "cpu":        # every rank has the same valid configuration
         try:
             device = _device(cfg, comm)
-        except ConfigError as err:
+        except Exception as err:           # one rank's failure here stops every rank too
             error = err
         if not _agree(comm, error):
             return 2
     try:
-        record = _run(cfg, comm, model, tl, plan, device)
+        record = _run(cfg, comm, prep, device)
     except BaseException as err:    # one rank's failure ends the job, printed once here
         sys.stderr.write(f"rpd-mpi: rank {comm.rank} (group {comm.group}, stage "
                          f"{comm.stage}): {type(err).__name__}: {err}\n")
@@ -141,41 +162,39 @@ def train(make_config: Callable[[], RunConfig],
     return 0
 
 
-def _run(cfg: RunConfig, comm: commlib.Comm, model: Any, tl: Any, plan: Any,
-         device: tuple[Any, Any, dict[str, Any]] | None = None) -> RunRecord | None:
+def _run(cfg: RunConfig, comm: commlib.Comm, prep: Prepared, device: Device | None = None
+         ) -> RunRecord | None:
     comm.split(cfg.schedule.stages)
     waiter = commlib.Waiter(commlib.auto_strategy(cfg.runtime.wait), cfg.runtime.timeout)
-    sl = model.slices[comm.stage]
+    sl = prep.model.slices[comm.stage]
     with RankPart(part_path(cfg.out, comm.rank), comm.rank,
                   snapshot_dtype=snapshot_dtype(sl.stop - sl.start)) as part:
         offset = comm.clock_offset()
         t0 = comm.start_time() - offset        # rank 0's t = 0, read on this rank's clock
-        losses = _execute(cfg, model, comm, tl, plan, part, waiter, t0, device)
-    mine = {"host": commlib.processor_name() or socket.gethostname(),
-            "blocked": waiter.blocked, "strategy": "polite" if waiter.polite else "spin",
-            "clock_offset": offset, "losses": losses}
-    if device is not None:
-        mine["device"] = device[2]
+        losses = _execute(cfg, prep, comm, part, waiter, t0, device)
+    mine = RankMeta(host=commlib.processor_name() or socket.gethostname(),
+                    blocked=waiter.blocked, strategy="polite" if waiter.polite else "spin",
+                    clock_offset=offset, losses=losses,
+                    device=device.info if device is not None else None)
     meta = comm.gather(mine)
     comm.barrier()          # every part is closed and complete
     if comm.rank != 0:
         return None
-    return assemble(cfg, model, tl, plan, comm.size, meta)
+    return assemble(cfg, prep.model, prep.timeline, prep.rpd, comm.size, meta)
 
 
-def _execute(cfg: RunConfig, model: Any, comm: commlib.Comm, tl: Any, plan: Any,
-             part: RankPart,
-             waiter: commlib.Waiter, t0: float,
-             device: tuple[Any, Any, dict[str, Any]] | None = None) -> np.ndarray | None:
+def _execute(cfg: RunConfig, prep: Prepared, comm: commlib.Comm, part: RankPart,
+             waiter: commlib.Waiter, t0: float, device: Device | None = None
+             ) -> np.ndarray | None:
     """Run this rank's share; RPD's last stage returns every iteration's loss."""
-    if plan is not None:
-        runner = RPDRunner(cfg, model, comm, plan[0], plan[1], part, waiter, t0)
-        runner.run()
-        return runner.losses if comm.stage == comm.stages - 1 else None
-    on_gpu = {} if device is None else {"backend": device[0], "links": device[1]}
-    runner = StageRunner(cfg, model, comm, tl, part, waiter, t0, **on_gpu)
+    if prep.rpd is not None:
+        rpd = RPDRunner(cfg, prep.model, comm, prep.rpd.plan, prep.rpd.delta, part, waiter, t0)
+        rpd.run()
+        return rpd.losses if comm.stage == comm.stages - 1 else None
+    on_gpu = {} if device is None else {"backend": device.backend, "links": device.links}
+    runner = StageRunner(cfg, prep.model, comm, prep.timeline, part, waiter, t0, **on_gpu)
     if cfg.runtime.order == "static":
-        runner.run_static(stage_program(tl, comm.stage))
+        runner.run_static(stage_program(prep.timeline, comm.stage))
     else:
         runner.run_dynamic()
     return None

@@ -34,6 +34,12 @@ class State:
             self.nb[s] += 1
 
 
+def noam_allows(forwards: int, backwards: int, noam: int) -> bool:
+    """May stage 0 start another forward? Fewer than NOAM microbatches in flight (started
+    forwards minus finished backwards on stage 0; docs/DESIGN.md 2.1)."""
+    return forwards - backwards < noam
+
+
 class Rules:
     """Data dependencies shared by every family: pipeline order in both directions."""
 
@@ -59,7 +65,7 @@ class PDRules(Rules):
     def forward_ready(self, st: State, mb: int, s: int, t: int) -> bool:
         if s == 0:
             # stage 0 decides once per slot, so its counters hold start-of-slot values
-            return st.nf[0] - st.nb[0] < self.noam
+            return noam_allows(st.nf[0], st.nb[0], self.noam)
         return super().forward_ready(st, mb, s, t)
 
 

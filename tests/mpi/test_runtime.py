@@ -106,3 +106,16 @@ def test_equal_op_costs_give_unit_time_delays(mpi_tmp_path: Path) -> None:
         measured = int(rec.updates.delays[half:].max())
         unit = (2 * S * S - S) // 2
         assert abs(measured - unit) <= S, (measured, unit)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_eval_every_counts_block_updates_on_ranks(mpi_tmp_path: Path) -> None:
+    from dataclasses import replace
+    cfg = replace(_cfg(mpi_tmp_path / "every.h5", "quadratic", 9), eval_every=5)
+    assert train(lambda: cfg) == 0
+    if WORLD.rank == 0:
+        mpi, sim = read_run(cfg.out), simulate_run(cfg)
+        K = len(mpi.updates)
+        assert mpi.objective.k.tolist() == [0, *range(5, K, 5), K]
+        sim_k = sim.objective.k.tolist()          # the simulator: the same rule at slot ends
+        assert all(b // 5 > a // 5 for a, b in zip(sim_k[:-2], sim_k[1:-1]))

@@ -7,7 +7,7 @@
 # More ranks than cores: adds `--wait polite` unless ARGS name --wait (it then also overrides
 # a wait set in a --config file), so that waiting ranks sleep instead of spinning; with Open MPI
 # also --oversubscribe. Open MPI always gets the run-as-root variables and OMPI_MCA_btl=^ofi
-# (HPC-NOTES "MPI"). The PyPI MPICH needs no flag.
+# (docs/DESIGN.md 9). The PyPI MPICH needs no flag.
 set -euo pipefail
 [[ ${1:-} =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 S [rpd-mpi train args...]" >&2; exit 2; }
 S=$1

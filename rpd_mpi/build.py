@@ -192,12 +192,13 @@ def to_record(cfg: RunConfig, model: Model, trace: Trace, tl: Timeline | None, *
         cfg.runtime.order, "mpi_library": "",
         "hosts": [socket.gethostname()], "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
     }
-    if getattr(model, "vocab", None) is not None:
-        attrs["vocab"] = "".join(model.vocab)
+    vocab = getattr(model, "vocab", None)          # the char LM's alphabet
+    if vocab is not None:
+        attrs["vocab"] = "".join(vocab)
     attrs.update(extra or {})
     blocks = [trace.final_weights[sl].copy() for sl in model.slices]
-    keep_tl = tl is not None and sch.method != "rpd"
+    keep = tl if tl is not None and sch.method != "rpd" else None
     return RunRecord(attrs=attrs, config=cfg.to_dict(), updates=trace.updates,
                      objective=trace.objective, final_blocks=blocks, events=trace.events,
-                     timeline_kind=tl.kind if keep_tl else None,
-                     timeline_mb=tl.mb if keep_tl else None)
+                     timeline_kind=keep.kind if keep is not None else None,
+                     timeline_mb=keep.mb if keep is not None else None)

@@ -49,8 +49,9 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="summary of ledgers (several: a comparison table)")
     rep.add_argument("ledgers", nargs="+", help="run.h5 files written by simulate or train")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
-    for name, text in (("experiment", "run a paper experiment preset (tools/experiments.py)"),
-                       ("tool", "run an analysis tool of tools/ (delays_vs_s, curves, ...)")):
+    for name, text in (("experiment", "run a paper experiment preset (rpd_mpi.experiments)"),
+                       ("tool", "run an analysis tool of rpd_mpi.analysis (delays_vs_s, "
+                                "curves, ...)")):
         t = sub.add_parser(name, help=text, add_help=False)
         t.add_argument("name", help="experiment (E1..E6) or tool module name")
         t.add_argument("rest", nargs=argparse.REMAINDER, help="its own arguments")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from rpd_mpi import analysis
 from rpd_mpi.build import build, check_out, simulate_run
@@ -22,6 +22,9 @@ from rpd_mpi.records import RunRecord
 from rpd_mpi.schedule import Timeline, generate
 from rpd_mpi.schedule.delays import delay_stats, pd_steady_max
 from rpd_mpi.schedule.text import render
+
+if TYPE_CHECKING:
+    from rpd_mpi.objectives.protocol import Model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +44,7 @@ def _print_summary(record: RunRecord, as_json: bool, out: str = "") -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = config_from(args, FLAGS)
     check_out(cfg.out)
-    model = build(cfg)
+    model: Model = build(cfg)
     record = simulate_run(cfg, model)
     write_run(cfg.out, record)
     _print_summary(record, args.json, cfg.out)

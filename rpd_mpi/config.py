@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from rpd_mpi.schedule.delays import pd_steady_max
+
 METHODS = ("pd", "rpd", "localsgd", "gpipe", "naive")
 OBJECTIVES = ("quadratic", "tridiag", "logistic", "charlm")
 DELAY_SOURCES = ("uniform", "max", "zero", "pd", "ledger")
@@ -31,17 +33,17 @@ class ConfigError(ValueError):
         self.flag = flag
 
 
-def _int_at_least(flag: str, value: Any, low: int) -> None:
+def _int_at_least(flag: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(flag, f"must be an integer >= {low} (got {value!r})")
 
 
-def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _choice(flag: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(flag, f"must be one of {', '.join(allowed)} (got {value!r})")
 
 
-def _positive(flag: str, value: Any) -> None:
+def _positive(flag: str, value: object) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ConfigError(flag, f"must be a number > 0 (got {value!r})")
 
@@ -80,7 +82,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class RPDConfig:
-    """Randomized PipeDream: delay bound and source (DESIGN 2.6)."""
+    """Randomized PipeDream: delay bound and source (docs/DESIGN.md 2.6)."""
 
     delta: int | None = None      # None = S^2 - S/2 (the PD steady-state maximum)
     delay_source: str = "uniform"
@@ -98,7 +100,7 @@ class RPDConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The model and its data (DESIGN 3)."""
+    """The model and its data (docs/DESIGN.md 3)."""
 
     name: str = "quadratic"
     data: str = ""
@@ -191,7 +193,7 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     lr: float = 2.0 ** -6
     seed: int = 0
-    eval_every: int = 1           # objective cadence: slots (simulator), updates (MPI, RPD)
+    eval_every: int = 1           # objective every E block updates (engines.cadence)
     out: str = "run.h5"
 
     def __post_init__(self) -> None:
@@ -212,7 +214,7 @@ class RunConfig:
         self._check_unused()
 
     def _check_unused(self) -> None:
-        """Flags a method would silently ignore are errors (STYLE 5)."""
+        """Flags a method would silently ignore are errors (docs/DESIGN.md 6)."""
         sch, rpd = self.schedule, self.rpd
         if rpd.delay_source != "uniform" and sch.method != "rpd":
             raise ConfigError("--delay-source", f"only --method rpd uses it "
@@ -234,8 +236,9 @@ class RunConfig:
     @property
     def delta(self) -> int:
         """The RPD delay bound in force (default: the PD steady-state max S^2 - S/2)."""
-        s = self.schedule.stages
-        return self.rpd.delta if self.rpd.delta is not None else (2 * s * s - s) // 2
+        if self.rpd.delta is not None:
+            return self.rpd.delta
+        return pd_steady_max(self.schedule.stages)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,8 +19,10 @@ else:  # Python 3.10
 from rpd_mpi.config import (DELAY_SOURCES, METHODS, OBJECTIVES, ORDERS, TRANSPORTS, ConfigError,
                             RunConfig)
 
-# flag -> (section or "" for top level, field, type, help)
-FLAGS: dict[str, tuple[str, str, type, str]] = {
+#: flag -> (section or "" for top level, field, type, help)
+FlagTable = dict[str, tuple[str, str, type, str]]
+
+FLAGS: FlagTable = {
     "--method": ("schedule", "method", str, f"one of {', '.join(METHODS)}"),
     "--stages": ("schedule", "stages", int, "pipeline stages S (one MPI rank each)"),
     "--microbatches": ("schedule", "microbatches", int, "microbatches N"),
@@ -49,11 +51,11 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--context": ("objective", "context", int, "charlm: characters per window (paper: 128)"),
     "--lr": ("", "lr", float, "step size"),
     "--seed": ("", "seed", int, "random seed"),
-    "--eval-every": ("", "eval_every", int, "objective cadence: slots (simulate), "
-                     "block updates (train, rpd)"),
+    "--eval-every": ("", "eval_every", int, "record the objective every E block updates "
+                     "(every engine; the simulator checks at slot ends)"),
     "--out": ("", "out", str, "ledger file to write"),
 }
-TRAIN_FLAGS: dict[str, tuple[str, str, type, str]] = {
+TRAIN_FLAGS: FlagTable = {
     "--order": ("runtime", "order", str, f"one of {', '.join(ORDERS)}"),
     "--device": ("runtime", "device", str, "cpu or cuda"),
     "--wait": ("runtime", "wait", str, "auto, spin or polite"),
@@ -82,7 +84,7 @@ def typed(kind: type, flag: str) -> Callable[[str], Any]:
     return convert
 
 
-def add_run_flags(p: argparse.ArgumentParser, table: dict) -> None:
+def add_run_flags(p: argparse.ArgumentParser, table: FlagTable) -> None:
     p.add_argument("--config", help="TOML file with [schedule], [rpd], [objective], "
                    "[runtime] sections and top-level lr, seed, eval_every, out; flags win")
     defaults = RunConfig()
@@ -96,7 +98,7 @@ def add_run_flags(p: argparse.ArgumentParser, table: dict) -> None:
                        default=None, help=text + shown)
 
 
-def config_from(args: argparse.Namespace, table: dict) -> RunConfig:
+def config_from(args: argparse.Namespace, table: FlagTable) -> RunConfig:
     """Defaults < TOML file < command-line flags, validated."""
     tree: dict[str, Any] = read_toml(args.config) if getattr(args, "config", None) else {}
     for flag, (section, name, _, _) in table.items():
@@ -110,7 +112,8 @@ def config_from(args: argparse.Namespace, table: dict) -> RunConfig:
 def read_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            tree: dict[str, Any] = tomllib.load(f)
+            return tree
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError("--config", f"cannot read {path}: {err}") from None
 

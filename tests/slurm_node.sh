@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway one-node Slurm cluster on this machine (HPC-NOTES "Slurm"), for tests/test_slurm.py
+# A throwaway one-node Slurm cluster on this machine (docs/DESIGN.md 9), for tests/test_slurm.py
 # and for trying jobs/*.sbatch by hand. Root only; Debian/Ubuntu (apt) only.
 #
 #   tests/slurm_node.sh install          apt-get install slurm-wlm + munge; a no-op when present.

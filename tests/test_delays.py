@@ -1,4 +1,4 @@
-"""Global delays and local staleness (DESIGN 2.3), against the closed forms and brute force."""
+"""Global delays and local staleness (docs/DESIGN.md 2.3), against the closed forms and brute force."""
 
 import numpy as np
 import pytest
@@ -20,7 +20,7 @@ def test_known_values_and_startup_transient() -> None:
 
 
 def _brute_force(tl):
-    """Obvious loops over the grid: the definition of DESIGN 2.3, written out."""
+    """Obvious loops over the grid: the definition of docs/DESIGN.md 2.3, written out."""
     order = [(t, s) for t in range(tl.slots) for s in range(tl.stages) if tl.kind[t, s] == BWD]
     fslot = {(int(tl.mb[t, s]), s): t for t in range(tl.slots) for s in range(tl.stages)
              if tl.kind[t, s] == FWD}

@@ -106,7 +106,8 @@ def test_installed_distribution_has_only_rpd_mpi(tmp_path: Path) -> None:
     assert probe.stdout.split() == ["None", "True"], shown(probe)
 
 
-IGNORED_IN_COPY = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "*.egg-info",
+IGNORED_IN_COPY = shutil.ignore_patterns(".git", ".mypy_cache", ".venv", "venv", "build", "dist",
+                                         "*.egg-info",
                                          "__pycache__", ".pytest_cache", ".test-logs", "results",
                                          "*.h5", "*.pyc")
 

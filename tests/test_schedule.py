@@ -1,4 +1,4 @@
-"""Schedule generators, the validator and the text form (DESIGN 2.1, 2.4, 2.7)."""
+"""Schedule generators, the validator and the text form (docs/DESIGN.md 2.1, 2.4, 2.7)."""
 
 import numpy as np
 import pytest

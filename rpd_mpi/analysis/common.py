@@ -12,7 +12,8 @@ import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn, Sequence, TypeVar
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.flags import FLAGS, config_from
 from rpd_mpi.ledger.run_file import LedgerError
 from rpd_mpi.records import RunRecord
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,12 +46,12 @@ def guarded(body: Callable[[], int]) -> int:
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit code 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         print(f"rpd-mpi: error: {self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
-def pyplot() -> Any:
+def pyplot() -> ModuleType:
     """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
     matplotlib.use("Agg")
@@ -55,7 +59,7 @@ def pyplot() -> Any:
     return plt
 
 
-def save_png(fig: Any, path: str | Path) -> Path:
+def save_png(fig: Figure, path: str | Path) -> Path:
     """Write `fig` as a PNG (folders created) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +144,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]
 
 
 def add_run_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    """The flags of `rpd-mpi simulate` (DESIGN 6), except those in `skip`."""
+    """The flags of `rpd-mpi simulate` (docs/DESIGN.md 6), except those in `skip`."""
     parser.add_argument("--config", help="TOML file with [schedule], [objective], ...")
     for flag, (_, _, kind, text) in FLAGS.items():
         if flag not in skip:

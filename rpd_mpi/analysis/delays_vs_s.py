@@ -1,6 +1,6 @@
 """E1: steady-state delay statistics of the PD 1F1B schedule as a function of S.
 
-For each S the timeline has N = 10 S microbatches (`--per-stage`); `rpd_mpi.delays.delay_stats`
+For each S the timeline has N = 10 S microbatches (`--per-stage`); `rpd_mpi.schedule.delays.delay_stats`
 gives the mean, p10 and max over the second half of the updates and the startup max over the
 first half. Least-squares quadratics a S^2 + b S + c are fitted to the mean and the max over
 the even S (the paper's closed form S^2 - S/2 is exact for even S). Outputs: a Markdown table
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from rpd_mpi.analysis.common import (Parser, ToolError, guarded, markdown_table,
                                      pyplot, save_png, write_text)
 from rpd_mpi.schedule.delays import delay_stats, pd_steady_max
 from rpd_mpi.schedule.generate import generate
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 ODD_STAGES = (3, 5, 7, 9, 15, 31, 63, 127)
 DEFAULT_STAGES = tuple(sorted(set(range(2, 129, 2)) | set(ODD_STAGES)))
@@ -38,7 +41,8 @@ class Fit:
     stages: tuple[int, ...]
 
     def __call__(self, s: np.ndarray) -> np.ndarray:
-        return self.a * s * s + self.b * s + self.c
+        y: np.ndarray = self.a * s * s + self.b * s + self.c
+        return y
 
     def text(self) -> str:
         a, b, c = (round(x, 4) + 0.0 for x in (self.a, self.b, self.c))
@@ -124,7 +128,7 @@ def plot(rows: list[dict[str, Any]], fitted: dict[str, Fit], path: str | Path) -
     return save_png(fig, path)
 
 
-def power_ticks(ax: Any, s: np.ndarray) -> None:
+def power_ticks(ax: Axes, s: np.ndarray) -> None:
     """x ticks at the powers of two inside the range of `s`, labelled as integers."""
     ticks = [2 ** e for e in range(0, 12) if s.min() <= 2 ** e <= s.max()]
     ax.set_xticks(ticks, [str(t) for t in ticks])

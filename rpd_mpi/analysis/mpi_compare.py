@@ -20,7 +20,7 @@ from typing import Any
 
 from rpd_mpi.analysis.common import (Parser, ToolError, fmt, guarded, lr_text, markdown_table,
                                      write_text)
-from rpd_mpi.analysis.curves import curve, plot_curves
+from rpd_mpi.analysis.curves import Curve, curve, plot_curves
 from rpd_mpi.analysis.sweep import power_grid, sweep
 from rpd_mpi.config import ObjectiveConfig, RunConfig
 from rpd_mpi.experiments.presets import make_cfg
@@ -72,7 +72,8 @@ def _train(cfg: RunConfig, out: Path, name: str, order: str, op_cost: float) -> 
     return path
 
 
-def _row(label: str, order: str, cfg: RunConfig, path: Path, sim_final: float) -> tuple:
+def _row(label: str, order: str, cfg: RunConfig, path: Path, sim_final: float
+         ) -> tuple[Any, ...]:
     s = summarize(read_run(path))
     return (label, order, lr_text(cfg.lr), fmt(sim_final), fmt(s["final_gap"]),
             fmt(s["wall_time"]), fmt(s["steady_mean_delay"]), fmt(s["unit_steady_mean_delay"]),
@@ -83,8 +84,8 @@ def _row(label: str, order: str, cfg: RunConfig, path: Path, sim_final: float) -
 def run(S: int, N: int, op_cost: float, out: Path, dim: int = 512, examples: int = 600
         ) -> tuple[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple] = []
-    curves: list[Any] = []
+    rows: list[tuple[Any, ...]] = []
+    curves: list[Curve] = []
     for label, cfg, kind in _runs(S, N, dim, examples):
         name = label.replace(" ", "_").replace("=", "")
         tuned, sim_final = _tuned(cfg, GRIDS[kind], out, name)

@@ -1,6 +1,6 @@
 """Step-size sweeps over a powers-of-two grid, in parallel processes or as a Slurm job array.
 
-The rule that picks the step size (DESIGN 7: "each method gets its best"):
+The rule that picks the step size (docs/DESIGN.md 7: "each method gets its best"):
   - a run's **score** is the mean of f − f⋆ (f when f⋆ is unknown) over the last 10 % of its
     objective points (at least one point; the objective is recorded at the run's cadence,
     one point per slot by default, so this is the last 10 % of the slot budget);
@@ -20,6 +20,7 @@ Ledgers are written as `<out>/<name>_lr<e>.h5` for lr = 2^e; the best is renamed
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     return guarded(lambda: _main(args, argv))
 
 
-def _main(args: Any, argv: list[str]) -> int:
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = config_from_args(args, skip=("--out", "--lr"))
     lrs, out = power_grid(args.lr_lo, args.lr_hi), Path(args.out)
     name = args.name or cfg.schedule.method

@@ -9,7 +9,7 @@ G = the largest block-gradient norm the ledger recorded (updates.grad_norm).
 A ledger stores objective values and final blocks, not iterates, so the run is simulated again
 from the ledger's own configuration (`RunConfig.from_dict(record.config)`, same seed) with the
 model wrapped in a probe that evaluates the full gradient wherever the engine evaluates the
-objective (every `--every` slots). The check that the re-run reproduces the ledger's final
+objective (every `--every` block updates). The check that the re-run reproduces the ledger's final
 blocks is reported. The average over k < K weights each sample by the updates until the next.
 
     rpd-mpi tool theory rpd.h5 [--every 1] [--out theory.png] [--json]
@@ -21,7 +21,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from rpd_mpi.analysis.common import (Parser, ToolError, fmt, guarded, markdown_t
 from rpd_mpi.build import build, simulate_run
 from rpd_mpi.config import RunConfig
 from rpd_mpi.ledger.run_file import read_run
+from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.records import RunRecord
 
 
@@ -39,7 +40,7 @@ class GradientProbe:
     It hides `objective_tracker`, so the simulator evaluates through `full_objective`.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Model) -> None:
         self._model = model
         self.sq_norms: list[float] = []
 
@@ -128,7 +129,7 @@ def check(record: RunRecord, every: int = 1) -> Check:
     K, avg = running_average(k, sq)
     if K.size == 0:
         raise ToolError("the re-run has no gradient samples after the first update")
-    return Check(c, K, avg, sum(c.terms(K)), same)
+    return Check(c, K, avg, cast(np.ndarray, sum(c.terms(K))), same)
 
 
 def checkpoints(res: Check) -> list[int]:
@@ -179,7 +180,7 @@ def to_json(res: Check) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="theory", description=__doc__.splitlines()[0])
     p.add_argument("ledger", help="run.h5 (RPD; PD works too, with δ = its largest delay)")
-    p.add_argument("--every", type=int, default=1, help="gradient cadence in slots")
+    p.add_argument("--every", type=int, default=1, help="gradient cadence in block updates (--eval-every of the re-run)")
     p.add_argument("--out", type=Path, default=Path("theory.png"), help="PNG to write")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)

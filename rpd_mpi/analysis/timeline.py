@@ -14,8 +14,9 @@ the run's span [first start, last end] in which it runs no forward or backward.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from rpd_mpi.ledger.run_file import read_run
 from rpd_mpi.records import AVG, BWD, FWD, RunRecord
 from rpd_mpi.schedule.generate import generate
 from rpd_mpi.schedule.timeline import Timeline
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 OPS = {FWD: ("forward", "#4C72B0"), BWD: ("backward", "#DD8452"), AVG: ("average", "#55A868")}
 MAX_LABELS = 600          # microbatch numbers are written into bars only below this count
@@ -129,7 +133,7 @@ def plot_gantt(events: np.ndarray, path: str | Path, *, title: str = "",
     return save_png(fig, path)
 
 
-def _write_microbatches(ax: Any, ev: np.ndarray, index: dict[int, int], width: float) -> None:
+def _write_microbatches(ax: Axes, ev: np.ndarray, index: dict[int, int], width: float) -> None:
     busy = ev[(ev["op"] == FWD) | (ev["op"] == BWD)]
     if busy.shape[0] > MAX_LABELS or width <= 0:
         return
@@ -152,7 +156,7 @@ def parse_window(text: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _from_flags(args: Any) -> tuple[np.ndarray, list[float], str]:
+def _from_flags(args: argparse.Namespace) -> tuple[np.ndarray, list[float], str]:
     try:
         tl = generate(args.method, args.stages, args.microbatches, noam=args.noam,
                       trajectories=args.trajectories, local_steps=args.local_steps,

@@ -63,7 +63,7 @@ def _replayed(replay: np.ndarray | None, updates: int, stages: int) -> np.ndarra
     bad = np.nonzero((d < 0) | (d > np.arange(updates)[:, None]))[0]
     if bad.size:
         raise ValueError(f"replayed delay of update {bad[0]} reads before the start: {d[bad[0]]}")
-    return d.copy()
+    return np.array(d)
 
 
 def simulate_rpd(model: Model, lr: float, plan: RPDPlan, *, delta: int,

@@ -11,13 +11,13 @@ no h5py; the CLI hands the result to the ledger.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 
 from rpd_mpi.engines.blocks import BlockState, FlushBuffer, batch_of
 from rpd_mpi.engines.cadence import due
-from rpd_mpi.objectives.protocol import Model
+from rpd_mpi.objectives.protocol import Model, TrackedModel, Tracker
 from rpd_mpi.records import (BWD, FWD, Objective, Trace, UpdateRow, Updates, empty_events,
                              row_array, to_updates)
 from rpd_mpi.schedule.delays import update_order
@@ -76,7 +76,7 @@ class _Engine:
             self.rows.append(row)
 
     def weights(self) -> np.ndarray:
-        return self.W[0] if self.W.shape[0] == 1 else self.W.mean(axis=0)
+        return np.asarray(self.W[0] if self.W.shape[0] == 1 else self.W.mean(axis=0))
 
     def run(self, eval_every: int, progress: Callable[[int], None] | None = None
             ) -> Objective:
@@ -113,9 +113,11 @@ class _FullTracker:
         return float(self.model.full_objective(self.w))
 
 
-def _tracker(model: Model, w: np.ndarray) -> Any:
-    make = getattr(model, "objective_tracker", None)
-    return make(w) if make else _FullTracker(model, w)
+def _tracker(model: Model, w: np.ndarray) -> Tracker:
+    """The model's incremental tracker (block-linear models), else full evaluations."""
+    if hasattr(model, "objective_tracker"):
+        return cast(TrackedModel, model).objective_tracker(w)
+    return _FullTracker(model, w)
 
 
 def simulate(tl: Timeline, model: Model, lr: float, *, groups: int = 1,
@@ -143,7 +145,7 @@ def _interleave_groups(slot: np.ndarray, stage: np.ndarray, groups: int,
     keys = np.concatenate([slot * (groups + 1) + g for g in range(groups)])
     idx = np.concatenate([np.arange(n)] * groups)
     order = np.lexsort((np.tile(stage, groups), keys))
-    return per_group[idx[order]]
+    return np.asarray(per_group[idx[order]])
 
 
 def sim_events(tl: Timeline, groups: int, fversion: np.ndarray) -> np.ndarray:

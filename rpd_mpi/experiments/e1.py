@@ -31,5 +31,5 @@ def run_e1(st: Settings) -> Outcome:
     return Outcome(paper + "\n\n" + text, png, measured)
 
 
-def _at(rows: list[dict[str, Any]], stages: int, key: str) -> Any:
+def _at(rows: list[dict[str, Any]], stages: int, key: str) -> object:
     return next((r[key] for r in rows if r["stages"] == stages), "-")

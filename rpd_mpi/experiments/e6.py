@@ -1,4 +1,4 @@
-"""E6: the character language model, PD against LocalSGD at equal slots (DESIGN 7).
+"""E6: the character language model, PD against LocalSGD at equal slots (docs/DESIGN.md 7).
 
 S = R = 16, about 2078 slots, LocalSGD with H in {1, 4, 8}; the paper's model has width 256
 (~11.1M parameters). On this CPU the default is a reduced width (`--quick` reduces further);
@@ -13,8 +13,8 @@ import dataclasses
 from typing import Any
 
 from rpd_mpi.analysis.common import fmt, markdown_table
-from rpd_mpi.config import ObjectiveConfig
-from rpd_mpi.experiments.presets import Tuned, make_cfg, plot_tuned, tune
+from rpd_mpi.config import ObjectiveConfig, RunConfig
+from rpd_mpi.experiments.presets import Tuned, lowest_final, make_cfg, plot_tuned, tune
 from rpd_mpi.experiments.settings import Outcome, Settings
 
 PAPER_SLOTS = 2078
@@ -35,7 +35,7 @@ def run_e6(st: Settings, full: bool = False) -> Outcome:
     N = 20 if st.quick else (PAPER_SLOTS - 2 * S + 2) // 2
     budget = 2 * N + 2 * S - 2
     obj, grid = _objective(st, full), QUICK_LM_GRID if st.quick else LM_GRID
-    every = max(1, budget // 40)
+    every = max(1, N * S // 40)                   # about 40 points: every E block updates
     runs = [tune(_cadence(make_cfg("pd", obj, S, microbatches=N, budget=budget), every),
                  grid, st, "pd", "PD")]
     for h in (1, 4, 8):
@@ -46,8 +46,8 @@ def run_e6(st: Settings, full: bool = False) -> Outcome:
     return Outcome(_table(runs, budget, st.quick), png, _measured(runs, budget, obj))
 
 
-def _cadence(cfg: Any, every: int) -> Any:
-    """Evaluating the LM costs a forward pass of every stage: every `every` slots only."""
+def _cadence(cfg: RunConfig, every: int) -> RunConfig:
+    """Evaluating the LM costs a forward pass of every stage: every `every` updates only."""
     return dataclasses.replace(cfg, eval_every=every)
 
 
@@ -56,14 +56,14 @@ def _table(runs: list[Tuned], budget: int, quick: bool) -> str:
              "-" if quick else ("lowest" if r.label == "PD" else "higher")) for r in runs]
     table = markdown_table(("curve", "best lr", f"loss at {budget} slots (rpd_mpi)",
                             "mean of last 10%", "paper"), rows)
-    finished = [r for r in runs if r.final is not None]
-    lowest = min(finished, key=lambda r: r.final).label if finished else "-"
+    best = lowest_final(runs)
+    lowest = best.label if best is not None else "-"
     return table + f"\n\nlowest final training loss (rpd_mpi): **{lowest}**; paper: PD"
 
 
 def _measured(runs: list[Tuned], budget: int, obj: ObjectiveConfig) -> dict[str, Any]:
     out: dict[str, Any] = {r.label: r.summary() for r in runs}
-    finished = [r for r in runs if r.final is not None]
+    best = lowest_final(runs)
     out.update(budget=budget, width=obj.width, context=obj.context,
-               lowest=min(finished, key=lambda r: r.final).label if finished else None)
+               lowest=best.label if best is not None else None)
     return out

@@ -1,6 +1,6 @@
-"""The paper's settings of E2–E5 (DESIGN 7) and how each one is run, tuned and tabulated.
+"""The paper's settings of E2–E5 (docs/DESIGN.md 7) and how each one is run, tuned and tabulated.
 
-Every curve is tuned by `tools.sweep` over powers of two (PD and RPD 2^-12..2^-3, LocalSGD
+Every curve is tuned by `rpd_mpi.analysis.sweep` over powers of two (PD and RPD 2^-12..2^-3, LocalSGD
 2^-8..2^2, as in the paper) and the best ledger is kept. The one exception is RPD in E5 at
 large S, where a run costs minutes (the RPD engine does O(S) Python work per update):
   - S <= 32: the full grid;  32 < S < 128: 2^(e-1..e+1) around PD's best 2^e, extended while
@@ -12,7 +12,8 @@ large S, where a run costs minutes (the RPD engine does O(S) Python work per upd
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Sequence, cast
 
 from rpd_mpi.analysis.common import fmt, lr_exponent, lr_text, markdown_table, pyplot, save_png
 from rpd_mpi.analysis.curves import curve, plot_curves
@@ -53,6 +54,12 @@ class Tuned:
                 "score": self.score, "at_edge": self.result.at_edge, "grid": self.grid}
 
 
+def lowest_final(runs: Sequence[Tuned]) -> Tuned | None:
+    """The run with the lowest final value (the first of equals); None if none finished."""
+    finished = [(r.final, r) for r in runs if r.final is not None]
+    return min(finished, key=lambda pair: pair[0])[1] if finished else None
+
+
 def make_cfg(method: str, obj: ObjectiveConfig, stages: int, *, microbatches: int = 10,
              budget: int = 0, local_steps: int = 1, delta: int | None = None) -> RunConfig:
     """A run of `method` (LocalSGD: R = S trajectories, G = 1); lr is set by the sweep."""
@@ -85,10 +92,10 @@ def grid_of(quick: bool, method: str) -> tuple[int, int]:
     return QUICK_PD_GRID if quick else PD_GRID
 
 
-def plot_tuned(runs: Sequence[Tuned], x: str, path: Any, title: str) -> Any:
+def plot_tuned(runs: Sequence[Tuned], x: str, path: str | Path, title: str) -> Path:
     """The best curve of every tuned run on one plot."""
-    kept = [r for r in runs if r.record is not None]
-    curves = [curve(r.record, x, f"{r.label} (lr {r.lr})") for r in kept]
+    curves = [curve(r.record, x, f"{r.label} (lr {r.lr})") for r in runs
+              if r.record is not None]
     return plot_curves(curves, x, path, title)
 
 
@@ -141,10 +148,10 @@ def pd_vs_localsgd(st: Settings, obj: ObjectiveConfig, name: str, paper: dict[st
              "-" if st.quick else paper.get(r.label, "-")) for r in runs]
     table = markdown_table(("curve", "best lr", f"f−f⋆ at {budget} slots (rpd_mpi)",
                             "÷ PD", "paper"), rows)
-    finished = [r for r in runs if r.final is not None]
-    lowest = min(finished, key=lambda r: r.final).label if finished else "-"
+    best = lowest_final(runs)
+    lowest = best.label if best is not None else "-"
     table += f"\n\nlowest final f−f⋆ (rpd_mpi): **{lowest}**; paper: {paper['lowest']}"
-    measured = {r.label: r.summary() for r in runs}
+    measured: dict[str, Any] = {r.label: r.summary() for r in runs}
     measured.update(budget=budget, lowest=lowest)
     return Outcome(table, png, measured)
 
@@ -180,15 +187,20 @@ def e5_rpd(cfg: RunConfig, st: Settings, stages: int, pd: Tuned,
     if st.quick or stages <= E5_FULL_RPD_MAX_S:
         return tune(cfg, (lo, hi), st, name, label)
     anchor = previous if stages >= E5_NARROW_S and previous and previous.result.best else pd
-    center = lr_exponent(anchor.result.best.lr) if anchor.result.best else (lo + hi) // 2
+    center = _exponent(anchor.result.best.lr) if anchor.result.best else (lo + hi) // 2
     if stages >= E5_NARROW_S:
         exps = [e for e in (center - 1, center) if lo <= e <= hi]
         res = sweep(cfg, [2.0 ** e for e in exps], st.jobs, st.out / "ledgers", name)
         return _wrap(res, st, label, f"2^{exps[0]}..2^{exps[-1]} (RPD's best at the previous S "
                                      f"and half)")
     res = refine(cfg, center, lo, hi, st.jobs, st.out / "ledgers", name)
-    exps = sorted(lr_exponent(p.lr) for p in res.points)
+    exps = sorted(_exponent(p.lr) for p in res.points)
     return _wrap(res, st, label, f"2^{exps[0]}..2^{exps[-1]} (around PD's best)")
+
+
+def _exponent(lr: float) -> int:
+    """e of a step size 2^e of the grid (every step size these sweeps try is one)."""
+    return cast(int, lr_exponent(lr))
 
 
 def run_e5(st: Settings) -> Outcome:
@@ -215,7 +227,7 @@ def run_e5(st: Settings) -> Outcome:
 def _winner(row: dict[str, Any], key: str) -> str:
     values = {m: getattr(row[m], key) for m in ("PD", "LocalSGD")}
     ok = {m: v for m, v in values.items() if v is not None}
-    return min(ok, key=ok.get) if ok else "-"
+    return min(ok, key=ok.__getitem__) if ok else "-"
 
 
 def e5_table(rows: list[dict[str, Any]], quick: bool) -> str:
@@ -230,7 +242,8 @@ def e5_table(rows: list[dict[str, Any]], quick: bool) -> str:
                            "lower (mean of last 10%)", "paper"), body)
 
 
-def plot_e5(measured: dict[str, dict[str, dict[str, Any]]], path: Any, budget: int) -> Any:
+def plot_e5(measured: dict[str, dict[str, dict[str, Any]]], path: str | Path, budget: int
+            ) -> Path:
     """Final f − f⋆ and its mean over the last 10 % of the budget, per method, against S.
 
     `measured` is E5.json's: {S: {method: {"final": ..., "score": ...}}}, so the figure can be

@@ -2,7 +2,7 @@
 
 Part of the ledger (with `rpd_mpi.ledger`, the only modules that import h5py); the layout is
 in ledger.py's docstring and docs/LEDGER.md. Rows are buffered in memory and appended in
-blocks, one resize per block (HPC-NOTES: per-row resizing is ~250x slower).
+blocks, one resize per block (docs/DESIGN.md 9: per-row resizing is ~250x slower).
 """
 
 from __future__ import annotations
@@ -16,21 +16,17 @@ import h5py
 import numpy as np
 
 from rpd_mpi.ledger.run_file import SCHEMA_VERSION, LedgerError, check_version, open_ledger
-from rpd_mpi.records import EVENT_DTYPE
+from rpd_mpi.records import EVENT_DTYPE, UPDATE_ROW_DTYPE
 
 #: One row per block update, as a rank records it during an MPI run. `version` is the block
-#: version read by F (= the version B updates); `start`/`end` are MPI.Wtime() seconds of the
+#: version read by F (= the version B updates); `start`/`end` are seconds since t = 0 of the
 #: backward+update; global k and the delays are derived at assembly from these and the events.
-PART_UPDATE_DTYPE = np.dtype([
-    ("stage", "i4"), ("group", "i4"), ("trajectory", "i4"),
-    ("microbatch", "i8"), ("batch", "i8"), ("version", "i8"), ("local_staleness", "i8"),
-    ("loss", "f8"), ("grad_norm", "f8"), ("start", "f8"), ("end", "f8"),
-])
+PART_UPDATE_DTYPE = UPDATE_ROW_DTYPE     # one row per block update (records.UpdateRow)
 
 _PART_CHUNK = 1024       # rows per chunk of a part file's resizable datasets
 
 
-def part_path(run_path: str | os.PathLike, rank: int) -> Path:
+def part_path(run_path: str | os.PathLike[str], rank: int) -> Path:
     """Where rank `rank` writes its part of the run file `run_path`."""
     run_path = Path(run_path)
     return run_path.with_name(f"{run_path.name}.rank{rank:05d}.part")
@@ -77,7 +73,7 @@ class RankPart:
     but leaves the part marked incomplete (readable with `read_part(..., allow_incomplete=True)`).
     """
 
-    def __init__(self, path: str | os.PathLike, rank: int, buffer_rows: int = 1024,
+    def __init__(self, path: str | os.PathLike[str], rank: int, buffer_rows: int = 1024,
                  snapshot_dtype: np.dtype | None = None) -> None:
         path = Path(path)
         if not path.parent.is_dir():
@@ -113,12 +109,12 @@ class RankPart:
 
     def flush(self) -> None:
         """Write all buffered rows and flush the file to disk."""
-        self._require_open()
+        f = self._require_open()
         self._events.flush()
         self._updates.flush()
         if self._snapshots is not None:
             self._snapshots.flush()
-        self._file.flush()
+        f.flush()
 
     def close(self, complete: bool = True) -> None:
         """Flush, mark the part complete (unless `complete=False`) and close. Idempotent."""
@@ -131,9 +127,10 @@ class RankPart:
             self._file.close()
             self._file = None
 
-    def _require_open(self) -> None:
+    def _require_open(self) -> h5py.File:
         if self._file is None:
             raise LedgerError(f"part file {self.path} is closed")
+        return self._file
 
     def __enter__(self) -> RankPart:
         return self
@@ -143,7 +140,7 @@ class RankPart:
         self.close(complete=exc_type is None)
 
 
-def read_part(path: str | os.PathLike,
+def read_part(path: str | os.PathLike[str],
               allow_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(events, updates) of a part file, in append order."""
     with open_ledger(path, "part file") as f:
@@ -155,13 +152,13 @@ def read_part(path: str | os.PathLike,
         return f["events"][()], f["updates"][()]
 
 
-def read_part_snapshots(path: str | os.PathLike) -> np.ndarray | None:
+def read_part_snapshots(path: str | os.PathLike[str]) -> np.ndarray | None:
     """The block snapshots of a part file (None when it has none)."""
     with open_ledger(path, "part file") as f:
         return f["snapshots"][()] if "snapshots" in f else None
 
 
-def part_attrs(path: str | os.PathLike) -> Mapping[str, Any]:
+def part_attrs(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     """The root attributes of a part file (rank, complete, schema_version, kind)."""
     with open_ledger(path, "part file") as f:
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}

@@ -32,13 +32,13 @@ for a diverged run; `json.dumps` writes them as NaN/Infinity.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from rpd_mpi.records import AVG, IDLE, RunRecord
-from rpd_mpi.schedule.delays import update_order
-from rpd_mpi.schedule.timeline import Timeline
+from rpd_mpi.schedule.delays import steady_max_mean, update_order
+from rpd_mpi.schedule.timeline import Timeline, busy_fraction
 
 SUMMARY_KEYS = (
     "method", "stages", "groups", "trajectories", "engine", "objective", "updates", "slots",
@@ -72,9 +72,7 @@ def _wall_time(events: np.ndarray) -> float | None:
 
 def _unit_utilization(record: RunRecord) -> float | None:
     kind = record.timeline_kind
-    if kind is not None and kind.size:
-        return float(np.count_nonzero(kind != IDLE) / kind.size)
-    return None
+    return busy_fraction(kind) if kind is not None and kind.size else None
 
 
 def _utilization(record: RunRecord, ranks: int, wall: float | None) -> float | None:
@@ -88,11 +86,7 @@ def _utilization(record: RunRecord, ranks: int, wall: float | None) -> float | N
 
 
 def _delay_stats(record: RunRecord) -> tuple[int | None, float | None]:
-    delays = record.updates.delays
-    steady = delays[len(record.updates) // 2:]
-    if steady.size == 0:
-        return None, None
-    return int(steady.max()), float(steady.mean())
+    return steady_max_mean(record.updates.delays)
 
 
 def _final_values(record: RunRecord) -> tuple[float | None, float | None]:
@@ -127,12 +121,11 @@ def _unit_delays(record: RunRecord) -> tuple[int | None, float | None]:
     if record.timeline_kind is None:
         return None, None
     a = record.attrs
-    tl = Timeline(record.timeline_kind, record.timeline_mb, a.get("method", "pd"),
-                  int(record.timeline_mb.max()) + 1, int(a.get("trajectories") or 1),
+    mb = cast(np.ndarray, record.timeline_mb)     # written together with timeline_kind
+    tl = Timeline(record.timeline_kind, mb, a.get("method", "pd"),
+                  int(mb.max()) + 1, int(a.get("trajectories") or 1),
                   int(a.get("local_steps") or 1), flush=int(a.get("flush") or 0))
-    d = update_order(tl).delays
-    steady = d[d.shape[0] // 2:]
-    return (int(steady.max()), float(steady.mean())) if steady.size else (None, None)
+    return steady_max_mean(update_order(tl).delays)
 
 
 def _per_stage(record: RunRecord, stages: int, wall: float | None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ closes, then `os.replace`s it to `path`. Readers reject files of another schema 
 files whose `complete` attribute is not True.
 
 Part files (one per rank, appended during an MPI run, assembled by rank 0 at the end) are
-written and read by `rpd_mpi.ledger_parts`, which shares this schema version::
+written and read by `rpd_mpi.ledger.parts`, which shares this schema version::
 
     /                       attrs: schema_version, kind = "rank_part", rank, complete
     /events                 resizable, chunked, EVENT_DTYPE
@@ -37,7 +37,7 @@ written and read by `rpd_mpi.ledger_parts`, which shares this schema version::
                             rank's block after its updates, to rebuild the objective over time
 
 Rows are buffered in memory (default 1024) and appended in blocks: one resize per block,
-never one per row (HPC-NOTES: per-row resizing is ~250x slower).
+never one per row (docs/DESIGN.md 9: per-row resizing is ~250x slower).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class LedgerError(Exception):
 # ----------------------------------------------------------------------------- writing
 
 
-def write_run(path: str | os.PathLike, record: RunRecord) -> None:
+def write_run(path: str | os.PathLike[str], record: RunRecord) -> None:
     """Write `record` to `path` atomically (via `<path>.partial` and `os.replace`)."""
     path = Path(path)
     if not path.parent.is_dir():
@@ -202,7 +202,7 @@ def _write_timeline(f: h5py.File, kind: np.ndarray | None, mb: np.ndarray | None
 # ----------------------------------------------------------------------------- reading
 
 
-def open_ledger(path: str | os.PathLike, what: str) -> h5py.File:
+def open_ledger(path: str | os.PathLike[str], what: str) -> h5py.File:
     """Open an existing HDF5 file for reading, or raise LedgerError saying why not."""
     path = Path(path)
     if not path.exists():
@@ -218,7 +218,7 @@ def open_ledger(path: str | os.PathLike, what: str) -> h5py.File:
         raise LedgerError(f"{what} {path} cannot be opened: {exc}") from exc
 
 
-def check_version(f: h5py.File, path: str | os.PathLike) -> None:
+def check_version(f: h5py.File, path: str | os.PathLike[str]) -> None:
     if "schema_version" not in f.attrs:
         raise LedgerError(f"{path} is not an rpd_mpi ledger (no schema_version attribute)")
     version = int(f.attrs["schema_version"])
@@ -227,7 +227,7 @@ def check_version(f: h5py.File, path: str | os.PathLike) -> None:
                           f"this rpd_mpi reads version {SCHEMA_VERSION}")
 
 
-def _check_header(f: h5py.File, path: str | os.PathLike) -> None:
+def _check_header(f: h5py.File, path: str | os.PathLike[str]) -> None:
     check_version(f, path)
     if f.attrs.get("kind") == "rank_part":
         raise LedgerError(f"{path} is a rank part file, not a run ledger (see read_part)")
@@ -235,7 +235,7 @@ def _check_header(f: h5py.File, path: str | os.PathLike) -> None:
         raise LedgerError(f"{path} is incomplete (the run did not finish writing it)")
 
 
-def read_run(path: str | os.PathLike) -> RunRecord:
+def read_run(path: str | os.PathLike[str]) -> RunRecord:
     """Read a run file written by `write_run`; LedgerError if it is not a complete v1 ledger."""
     with open_ledger(path, "ledger") as f:
         _check_header(f, path)
@@ -280,7 +280,7 @@ def _optional(f: h5py.File, name: str) -> np.ndarray | None:
     return f[name][()] if name in f else None
 
 
-def read_arrays(path: str | os.PathLike, names: Iterable[str],
+def read_arrays(path: str | os.PathLike[str], names: Iterable[str],
                 optional: Iterable[str] = ()) -> dict[str, np.ndarray]:
     """Top-level datasets of a user data file (`--data`): all of `names`, those of `optional`
     that exist. A 0-d dataset (e.g. f_star) comes back as a 0-d array."""

@@ -68,8 +68,12 @@ def _snapshots_by_stage(cfg: RunConfig, size: int) -> list[np.ndarray]:
     S = cfg.schedule.stages
     out = []
     for s in range(S):
-        rows = [read_part_snapshots(part_path(cfg.out, g * S + s))
-                for g in range(cfg.schedule.groups)]
-        both = np.concatenate(rows)
+        rows = []
+        for g in range(cfg.schedule.groups):
+            snaps = read_part_snapshots(part_path(cfg.out, g * S + s))
+            if snaps is None:
+                raise RuntimeError(f"the part file of rank {g * S + s} holds no snapshots")
+            rows.append(snaps)
+        both: np.ndarray = np.concatenate(rows)
         out.append(both[np.argsort(both["time"], kind="stable")])
     return out

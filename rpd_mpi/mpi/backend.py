@@ -1,4 +1,4 @@
-"""The array module of one rank (DESIGN 4 "GPU"): numpy on the CPU, cupy on a GPU.
+"""The array module of one rank (docs/DESIGN.md 4.4): numpy on the CPU, cupy on a GPU.
 
 `select(device, local_rank, devices_per_node)` returns a `Backend`: its module `xp`, the
 copies between host and device (`to_device`, `to_host`), `synchronize()` and a description
@@ -62,7 +62,8 @@ def _import_cupy() -> ModuleType:
     except ImportError as err:
         raise ConfigError("--device", f"{NEEDS} (cannot import cupy: {err}; install the "
                                       f"cupy wheel for your CUDA, e.g. cupy-cuda12x)") from None
-    return cupy
+    module: ModuleType = cupy
+    return module
 
 
 def _device_count(cupy: ModuleType) -> int:

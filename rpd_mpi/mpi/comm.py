@@ -3,11 +3,12 @@
 Owns communicators (Dup of COMM_WORLD once; Split into a pipeline communicator per group and
 a stage communicator per stage), the wait strategy (`Waiter`: spin or polite), and the
 point-to-point `Link`s that move activations and gradients through preallocated buffers with
-nonblocking, buffer-protocol calls posted ahead of use. Every message carries its microbatch
-id in a header element; a mismatch raises instead of silently corrupting a run.
+nonblocking, buffer-protocol calls posted ahead of use. Every message is tagged with its
+microbatch id (mod TAG_MOD) and the tag and size are checked on arrival; a mismatch raises
+instead of silently corrupting a run. `stage_links` sets up a stage's four links.
 
 Importing this module initialises MPI (that is what importing mpi4py.MPI does); only the
-`train` path imports it (train, runtime, rpd_runtime, comm_gpu), never `simulate` or analysis.
+`train` path imports it (the rest of `rpd_mpi.mpi`), never `simulate` or analysis.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 from mpi4py import MPI
+
+T = TypeVar("T")
 
 
 class CommError(RuntimeError):
@@ -38,13 +41,14 @@ class Comm:
     r // S. Created once; pass it explicitly."""
 
     def __init__(self) -> None:
-        self.world = MPI.COMM_WORLD.Dup()
+        self.world: MPI.Comm = MPI.COMM_WORLD.Dup()
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
         self.stages, self.group, self.stage = 1, self.rank, 0
-        self.pipe: MPI.Intracomm | None = None
-        self.act_comm: MPI.Intracomm | None = None
-        self.grad_comm: MPI.Intracomm | None = None
-        self.stage_comm: MPI.Intracomm | None = None
+        # made by `split`; MPI.COMM_NULL until then and after `free`
+        self.pipe: MPI.Comm = MPI.COMM_NULL
+        self.act_comm: MPI.Comm = MPI.COMM_NULL
+        self.grad_comm: MPI.Comm = MPI.COMM_NULL
+        self.stage_comm: MPI.Comm = MPI.COMM_NULL
 
     def split(self, stages: int) -> None:
         """Pipeline communicators per group (rank = stage; one for activations, one for
@@ -90,7 +94,7 @@ class Comm:
     def barrier(self) -> None:
         self.world.Barrier()
 
-    def gather(self, obj: object) -> list | None:
+    def gather(self, obj: T) -> list[T] | None:
         """Small end-of-run metadata to rank 0 (pickle is fine off the hot path)."""
         return self.world.gather(obj, root=0)
 
@@ -104,9 +108,9 @@ class Comm:
 
     def free(self) -> None:
         for c in (self.act_comm, self.grad_comm, self.pipe, self.stage_comm, self.world):
-            if c is not None and c != MPI.COMM_NULL:
+            if c != MPI.COMM_NULL:
                 c.Free()
-        self.act_comm = self.grad_comm = self.pipe = self.stage_comm = None
+        self.act_comm = self.grad_comm = self.pipe = self.stage_comm = MPI.COMM_NULL
 
 
 def library_version() -> str:
@@ -195,13 +199,13 @@ class RecvLink:
     until `release()`, which reposts the buffer for a later message).
     """
 
-    def __init__(self, comm: MPI.Intracomm, peer: int, shape: tuple[int, ...], count: int,
+    def __init__(self, comm: MPI.Comm, peer: int, shape: tuple[int, ...], count: int,
                  waiter: Waiter, name: str, depth: int | None = None,
                  dtype: type = np.float64) -> None:
         depth = depth or ring_depth(shape, dtype)
         self.comm, self.peer, self.count = comm, peer, count
         self.waiter, self.name = waiter, name
-        self.bufs = [np.empty(shape, dtype=dtype) for _ in range(depth)]
+        self.bufs: list[np.ndarray] = [np.empty(shape, dtype=dtype) for _ in range(depth)]
         self.reqs: list[MPI.Request | None] = [None] * depth
         self.statuses = [MPI.Status() for _ in range(depth)]
         self.arrived = [False] * depth
@@ -218,8 +222,9 @@ class RecvLink:
     def ready(self) -> bool:
         """True when the next message has arrived."""
         i = self.next % len(self.bufs)
-        if not self.arrived[i] and self.reqs[i] is not None:
-            self.arrived[i] = self.reqs[i].Test(self.statuses[i])
+        req = self.reqs[i]
+        if not self.arrived[i] and req is not None:
+            self.arrived[i] = req.Test(self.statuses[i])
         return self.arrived[i]
 
     def take(self, mb: int) -> np.ndarray:
@@ -255,18 +260,19 @@ class SendLink:
     not that buffer.
     """
 
-    def __init__(self, comm: MPI.Intracomm, peer: int, shape: tuple[int, ...], waiter: Waiter,
+    def __init__(self, comm: MPI.Comm, peer: int, shape: tuple[int, ...], waiter: Waiter,
                  name: str, depth: int | None = None, dtype: type = np.float64) -> None:
         depth = depth or ring_depth(shape, dtype)
         self.comm, self.peer, self.waiter, self.name = comm, peer, waiter, name
-        self.bufs = [np.empty(shape, dtype=dtype) for _ in range(depth)]
+        self.bufs: list[np.ndarray] = [np.empty(shape, dtype=dtype) for _ in range(depth)]
         self.reqs: list[MPI.Request | None] = [None] * depth
         self.sent = 0
 
     def buffer(self) -> np.ndarray:
         i = self.sent % len(self.bufs)
-        if self.reqs[i] is not None:
-            self.waiter.wait([self.reqs[i]], lambda: f"{self.name} buffer to rank {self.peer}")
+        req = self.reqs[i]
+        if req is not None:
+            self.waiter.wait([req], lambda: f"{self.name} buffer to rank {self.peer}")
             self.reqs[i] = None
         return self.bufs[i]
 

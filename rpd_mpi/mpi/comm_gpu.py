@@ -1,4 +1,4 @@
-"""Links between stages whose arrays live on GPUs (DESIGN 4 "GPU", docs/GPU.md).
+"""Links between stages whose arrays live on GPUs (docs/DESIGN.md 4.4, docs/GPU.md).
 
 Same API as `comm.RecvLink` / `comm.SendLink` (`ready`, `take(mb) -> buffer`, `release`;
 `buffer`, `send(mb, payload)`, `drain`), the buffers being device arrays; the MPI part is
@@ -48,7 +48,7 @@ TAG_SETUP = 32767      # the IPC handshake (receiver -> sender, once, before any
 
 # ----- node and library facts ---------------------------------------------------------------
 
-def local_rank(world: MPI.Intracomm) -> int:
+def local_rank(world: MPI.Comm) -> int:
     """This rank's index among the ranks of its node (collective over `world`)."""
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     try:
@@ -141,7 +141,7 @@ class _SendFrom(SendLink):
 class StagedRecvLink:
     """Irecv into pinned host slots; `take` copies the message to a device slot (async)."""
 
-    def __init__(self, xp: ModuleType, comm: MPI.Intracomm, peer: int, shape: tuple[int, ...],
+    def __init__(self, xp: ModuleType, comm: MPI.Comm, peer: int, shape: tuple[int, ...],
                  count: int, waiter: Waiter, name: str, depth: int = 2,
                  dtype: Any = np.float64) -> None:
         self.xp, self.depth, self.next = xp, depth, 0
@@ -178,7 +178,7 @@ class StagedRecvLink:
 class StagedSendLink:
     """Async copy of the payload into a pinned slot on the link's stream, then Isend."""
 
-    def __init__(self, xp: ModuleType, comm: MPI.Intracomm, peer: int, shape: tuple[int, ...],
+    def __init__(self, xp: ModuleType, comm: MPI.Comm, peer: int, shape: tuple[int, ...],
                  waiter: Waiter, name: str, depth: int = 2, dtype: Any = np.float64) -> None:
         self.xp, self.shape, self.name = xp, shape, name
         pinned = [pinned_array(xp, shape, dtype) for _ in range(depth)]
@@ -209,7 +209,7 @@ class StagedSendLink:
 class DirectRecvLink:
     """Irecv straight into device slots (the MPI library must be CUDA-aware)."""
 
-    def __init__(self, xp: ModuleType, comm: MPI.Intracomm, peer: int, shape: tuple[int, ...],
+    def __init__(self, xp: ModuleType, comm: MPI.Comm, peer: int, shape: tuple[int, ...],
                  count: int, waiter: Waiter, name: str, depth: int = 2,
                  dtype: Any = np.float64) -> None:
         self.xp = xp
@@ -231,7 +231,7 @@ class DirectRecvLink:
 class DirectSendLink:
     """Isend from a device slot once the compute stream has produced it."""
 
-    def __init__(self, xp: ModuleType, comm: MPI.Intracomm, peer: int, shape: tuple[int, ...],
+    def __init__(self, xp: ModuleType, comm: MPI.Comm, peer: int, shape: tuple[int, ...],
                  waiter: Waiter, name: str, depth: int = 2, dtype: Any = np.float64) -> None:
         self.xp, self.shape, self.name = xp, shape, name
         dev = [xp.empty(shape, dtype=dtype) for _ in range(depth)]
@@ -260,7 +260,7 @@ def _host_name() -> str:
 class IpcRecvLink:
     """A device ring the sender writes into through CUDA IPC; ready/credit messages on MPI."""
 
-    def __init__(self, xp: ModuleType, comm: MPI.Intracomm, peer: int, shape: tuple[int, ...],
+    def __init__(self, xp: ModuleType, comm: MPI.Comm, peer: int, shape: tuple[int, ...],
                  count: int, waiter: Waiter, name: str, depth: int = 2,
                  dtype: Any = np.float64) -> None:
         self.xp, self.slots, self.count, self.taken = xp, 2 * depth, count, 0
@@ -300,7 +300,7 @@ class IpcRecvLink:
 class IpcSendLink:
     """Copies each payload into the receiver's slot (CUDA IPC), then says so over MPI."""
 
-    def __init__(self, xp: ModuleType, comm: MPI.Intracomm, peer: int, shape: tuple[int, ...],
+    def __init__(self, xp: ModuleType, comm: MPI.Comm, peer: int, shape: tuple[int, ...],
                  waiter: Waiter, name: str, depth: int = 2, dtype: Any = np.float64) -> None:
         self.xp, self.shape, self.name = xp, shape, name
         setup = comm.recv(source=peer, tag=TAG_SETUP)

@@ -84,7 +84,7 @@ class RPDRunner:
         g_w, g_in = self.mod.backward(read.block, read.cache, g_out, batch)
         hold(self.cfg.runtime.op_cost, start)
         sent = 0
-        if self.i > s_k and links.grad_out:
+        if self.i > s_k and links.grad_out and g_in is not None:
             links.grad_out.send(k, g_in)
             sent = g_in.nbytes
         if links.grad_in:

@@ -111,7 +111,8 @@ class StageRunner:
         g_w, g_in = self.mod.backward(read.block, read.cache, g_out, batch)
         self._hold(start)
         sent = 0
-        if links.grad_out and self.prev_bwd is not None and self.prev_bwd[mb]:
+        if links.grad_out and g_in is not None and self.prev_bwd is not None \
+                and self.prev_bwd[mb]:
             links.grad_out.send(mb, g_in)
             sent = g_in.nbytes
         if links.grad_in:

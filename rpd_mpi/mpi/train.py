@@ -178,7 +178,7 @@ def _run(cfg: RunConfig, comm: commlib.Comm, prep: Prepared, device: Device | No
                     device=device.info if device is not None else None)
     meta = comm.gather(mine)
     comm.barrier()          # every part is closed and complete
-    if comm.rank != 0:
+    if comm.rank != 0 or meta is None:
         return None
     return assemble(cfg, prep.model, prep.timeline, prep.rpd, comm.size, meta)
 
@@ -191,8 +191,9 @@ def _execute(cfg: RunConfig, prep: Prepared, comm: commlib.Comm, part: RankPart,
         rpd = RPDRunner(cfg, prep.model, comm, prep.rpd.plan, prep.rpd.delta, part, waiter, t0)
         rpd.run()
         return rpd.losses if comm.stage == comm.stages - 1 else None
-    on_gpu = {} if device is None else {"backend": device.backend, "links": device.links}
-    runner = StageRunner(cfg, prep.model, comm, prep.timeline, part, waiter, t0, **on_gpu)
+    runner = StageRunner(cfg, prep.model, comm, prep.timeline, part, waiter, t0,
+                         backend=device.backend if device else backendlib.CPU,
+                         links=device.links if device else None)
     if cfg.runtime.order == "static":
         runner.run_static(stage_program(prep.timeline, comm.stage))
     else:

@@ -1,4 +1,4 @@
-"""The character language model (DESIGN 3) split into pipeline stages.
+"""The character language model (docs/DESIGN.md 3) split into pipeline stages.
 
 Owns `build_charlm`, `CharLM` (parameter layout, seeded init, evaluation objective) and the
 three stage modules: stage 0 = token + position embedding, stages 1..S-2 = one pre-LN
@@ -10,24 +10,29 @@ tensors of `stage_layout` are unpacked as views (no copies). Weight stashing con
 engine copies w_s; a stage's cache is a copy of its input activation (a_in may be a
 communication buffer that is reused after forward returns), and backward recomputes the
 forward internals from that copy and the stashed w_s. The math lives in `layers`; data in
-`text`.
+`corpus`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
 from rpd_mpi.objectives import layers
 from rpd_mpi.objectives.corpus import TextData, text_data
 from rpd_mpi.objectives.kernels_lm import array_module
+from rpd_mpi.objectives.protocol import Array
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
 
 #: Generated batches: ids are drawn, so the count is only a modulus (see sim/runtime).
 NUM_BATCHES = 2**31 - 1
-#: The paper's run (DESIGN 7, E6): width 256 with S = 16 stages -> 11,123,200 parameters
+#: The paper's run (docs/DESIGN.md 7, E6): width 256 with S = 16 stages -> 11,123,200 parameters
 #: on Tiny Shakespeare's 65 characters.
 PRESETS: dict[str, dict[str, int]] = {
     "small": {"width": 32, "heads": 2, "context": 32},
@@ -58,16 +63,17 @@ class Layout:
     def size(self) -> int:
         return sum(math.prod(shape) for _, shape in self.entries)
 
-    def unpack(self, flat: Any) -> dict[str, Any]:
+    def unpack(self, flat: Array) -> dict[str, Array]:
         """name -> view of `flat` (1-D, contiguous) with the tensor's shape."""
-        out, at = {}, 0
+        out: dict[str, Array] = {}
+        at = 0
         for name, shape in self.entries:
             n = math.prod(shape)
             out[name] = flat[at:at + n].reshape(shape)
             at += n
         return out
 
-    def pack(self, tensors: dict[str, Any], xp: Any, dtype: Any) -> Any:
+    def pack(self, tensors: dict[str, Array], xp: ModuleType, dtype: DTypeLike) -> Array:
         """A new flat vector holding `tensors` (every name of the layout)."""
         flat = xp.empty(self.size, dtype=dtype)
         for name, view in self.unpack(flat).items():
@@ -95,21 +101,22 @@ class CharStage:
         self.is_last = s == model.stages - 1
         self.layout, self.data, self.heads = model.layouts[s], model.data, model.heads
 
-    def loss(self, a_out: Any, batch: int) -> tuple[float, Any]:
+    def loss(self, a_out: Array, batch: int) -> tuple[float, Array]:
         raise RuntimeError(f"stage {self.stage} is not the last stage; it has no loss")
 
 
 class EmbeddingStage(CharStage):
     """Stage 0: reads the token ids of its batch itself (a_in is None)."""
 
-    def _ids(self, batch: int, xp: Any) -> Any:
+    def _ids(self, batch: int, xp: ModuleType) -> Array:
         return xp.asarray(self.data.batch(batch)[0])
 
-    def forward(self, w_s: Any, a_in: None, batch: int) -> tuple[Any, None]:
+    def forward(self, w_s: Array, a_in: None, batch: int) -> tuple[Array, None]:
         p, ids = self.layout.unpack(w_s), self._ids(batch, array_module(w_s))
         return layers.embedding_forward(p["wte"], p["wpe"], ids), None
 
-    def backward(self, w_s: Any, cache: None, g_out: Any, batch: int) -> tuple[Any, None]:
+    def backward(self, w_s: Array, cache: None, g_out: Array, batch: int
+                 ) -> tuple[Array, None]:
         xp = array_module(w_s)
         g_wte, g_wpe = layers.embedding_backward(self._ids(batch, xp), g_out,
                                                  self.data.vocab_size, self.data.context)
@@ -119,11 +126,12 @@ class EmbeddingStage(CharStage):
 class BlockStage(CharStage):
     """Stages 1..S-2: one pre-LN transformer block; cache = a copy of the input."""
 
-    def forward(self, w_s: Any, a_in: Any, batch: int) -> tuple[Any, Any]:
+    def forward(self, w_s: Array, a_in: Array, batch: int) -> tuple[Array, Array]:
         out, _ = layers.block_forward(a_in, self.layout.unpack(w_s), self.heads)
         return out, a_in.copy()
 
-    def backward(self, w_s: Any, cache: Any, g_out: Any, batch: int) -> tuple[Any, Any]:
+    def backward(self, w_s: Array, cache: Array, g_out: Array, batch: int
+                 ) -> tuple[Array, Array]:
         g_x, grads = layers.block_backward(cache, self.layout.unpack(w_s), self.heads, g_out)
         return self.layout.pack(grads, array_module(w_s), w_s.dtype), g_x
 
@@ -131,21 +139,25 @@ class BlockStage(CharStage):
 class HeadStage(CharStage):
     """Stage S-1: final LayerNorm + LM head; forward returns the logits."""
 
-    def forward(self, w_s: Any, a_in: Any, batch: int) -> tuple[Any, Any]:
+    def forward(self, w_s: Array, a_in: Array, batch: int) -> tuple[Array, Array]:
         logits, _ = layers.head_forward(a_in, self.layout.unpack(w_s))
         return logits, a_in.copy()
 
-    def loss(self, a_out: Any, batch: int) -> tuple[float, Any]:
+    def loss(self, a_out: Array, batch: int) -> tuple[float, Array]:
         """(mean cross-entropy of the batch's next characters, its gradient wrt logits)."""
         targets = array_module(a_out).asarray(self.data.batch(batch)[1])
         return layers.cross_entropy(a_out, targets)
 
-    def backward(self, w_s: Any, cache: Any, g_out: Any, batch: int) -> tuple[Any, Any]:
+    def backward(self, w_s: Array, cache: Array, g_out: Array, batch: int
+                 ) -> tuple[Array, Array]:
         g_x, grads = layers.head_backward(cache, self.layout.unpack(w_s), g_out)
         return self.layout.pack(grads, array_module(w_s), w_s.dtype), g_x
 
 
-_STAGE_CLASS = {"embed": EmbeddingStage, "block": BlockStage, "head": HeadStage}
+#: The stage module classes of a charlm (each satisfies `rpd_mpi.objectives.protocol.Stage`).
+CharStageModule: TypeAlias = "EmbeddingStage | BlockStage | HeadStage"
+_STAGE_CLASS: dict[str, type[CharStageModule]] = {"embed": EmbeddingStage, "block": BlockStage,
+                                                  "head": HeadStage}
 
 
 class CharLM:
@@ -181,7 +193,7 @@ class CharLM:
                     view[...] = std * rng.standard_normal(view.shape)
         return w
 
-    def make_stage(self, s: int, group: int = 0) -> CharStage:
+    def make_stage(self, s: int, group: int = 0) -> CharStageModule:
         """The stage module of pipeline group `group`, stage `s`."""
         if not 0 <= s < self.stages:
             raise ValueError(f"stage must be in [0, {self.stages}), got {s}")
@@ -192,26 +204,27 @@ class CharLM:
         sends back (the last stage sends only that gradient)."""
         return (self.batch_size, self.context, self.width)
 
-    def _params(self, w: Any, s: int) -> dict[str, Any]:
+    def _params(self, w: Array, s: int) -> dict[str, Array]:
         return self.layouts[s].unpack(w[self.slices[s]])
 
-    def _logits(self, w: Any, ids: Any) -> tuple[Any, list[Any]]:
+    def _logits(self, w: Array, ids: Array) -> tuple[Array, list[Array]]:
         """Logits of token ids (b, t) at the full vector w, and every stage's input."""
         p = self._params(w, 0)
-        x, inputs = layers.embedding_forward(p["wte"], p["wpe"], ids), []
+        x = layers.embedding_forward(p["wte"], p["wpe"], ids)
+        inputs: list[Array] = []
         for s in range(1, self.stages - 1):
             inputs.append(x)
             x, _ = layers.block_forward(x, self._params(w, s), self.heads)
         inputs.append(x)
         return layers.head_forward(x, self._params(w, self.stages - 1))[0], inputs
 
-    def full_objective(self, w: Any) -> float:
+    def full_objective(self, w: Array) -> float:
         """Mean cross-entropy over the fixed evaluation windows (`data.eval_set`)."""
         xp = array_module(w)
         ids, targets = (xp.asarray(a) for a in self.data.eval_set)
         return layers.cross_entropy(self._logits(w, ids)[0], targets)[0]
 
-    def full_gradient(self, w: Any) -> Any:
+    def full_gradient(self, w: Array) -> Array:
         """Gradient of `full_objective` at w (same layout as w)."""
         xp = array_module(w)
         ids, targets = (xp.asarray(a) for a in self.data.eval_set)
@@ -252,13 +265,14 @@ def build_charlm(stages: int, *, width: int = 32, heads: int = 2, context: int =
     return CharLM(data, stages=stages, width=width, heads=heads, seed=seed)
 
 
-def stage_gradient(model: "CharLM", w: Any, batch: int) -> tuple[float, Any]:
+def stage_gradient(model: CharLM, w: Array, batch: int) -> tuple[float, Array]:
     """Loss of `batch` and the full gradient, through the stage modules exactly as the
     engines call them (forward on every stage, loss, backward from the last stage down),
     stitched into one vector like w. For gradient checks (numpy or cupy)."""
     xp = array_module(w)
     mods = [model.make_stage(s) for s in range(model.stages)]
-    a, caches = None, []
+    a: Array | None = None
+    caches: list[Any] = []
     for mod in mods:
         a, cache = mod.forward(w[model.slices[mod.stage]].copy(), a, batch)
         caches.append(cache)

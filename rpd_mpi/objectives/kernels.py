@@ -8,8 +8,11 @@ installed (e.g. a GPU machine with only cupy), each kernel name is bound to its 
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
+numba: ModuleType | None    # the module, or None where numba is not installed
 try:
     import numba
 except ImportError:       # no numba: the numpy references run (see the end of this module)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+numba: ModuleType | None    # the module, or None where numba is not installed
 try:
     import numba
 except ImportError:       # no numba: `kernel` picks the references
@@ -36,7 +37,8 @@ def _njit(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """numba.njit(**options), or leave the function as it is when numba is missing."""
     if numba is None:
         return lambda fn: fn
-    return numba.njit(**options)
+    jit: Callable[[Callable[..., Any]], Callable[..., Any]] = numba.njit(**options)
+    return jit
 
 
 GELU_K = math.sqrt(2.0 / math.pi)
@@ -47,7 +49,8 @@ def array_module(x: Any) -> ModuleType:
     """numpy, or cupy for a cupy array (cupy is imported only then)."""
     if type(x).__module__.split(".")[0] == "cupy":
         import cupy  # noqa: PLC0415  (optional dependency)
-        return cupy
+        module: ModuleType = cupy
+        return module
     return np
 
 

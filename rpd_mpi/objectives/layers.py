@@ -6,7 +6,7 @@ the final LayerNorm + LM head and softmax cross-entropy. Every `*_forward` has a
 `*_backward` derived by hand (checked against finite differences in tests/test_charlm.py).
 
 Arrays are numpy or cupy; the module of the inputs decides (`array_module`). On numpy the
-fused numba kernels of `rpd_mpi.kernels_lm` run where they are faster, their references
+fused numba kernels of `rpd_mpi.objectives.kernels_lm` run where they are faster, their references
 otherwise. Activations are (batch, context, width); parameters come as dicts of named views
 into a stage's flat block (see `rpd_mpi.objectives.charlm`). A block's backward recomputes
 its forward from the stashed input (what PipeDream does), so nothing but the input is kept

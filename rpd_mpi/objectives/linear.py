@@ -99,6 +99,9 @@ class StageModule:
 class BlockLinearModel:
     """A block-linear objective on (X, y) with w split into `stages` contiguous blocks."""
 
+    examples: int   # rows of X
+    dim: int        # columns of X
+
     def __init__(self, name: str, problem: Problem, *, stages: int, batch_size: int,
                  seed: int, noise: float, lam: float) -> None:
         self.name = name
@@ -160,7 +163,7 @@ class BlockLinearModel:
         if self.kind == "logistic":
             p = np.exp(p - np.logaddexp(0.0, p))
         p -= self.y
-        g = p @ self.X
+        g: np.ndarray = p @ self.X
         g *= 1.0 / self.examples
         if self.lam:
             g += self.lam * w

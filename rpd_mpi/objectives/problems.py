@@ -89,7 +89,8 @@ def least_squares_value(X: np.ndarray, y: np.ndarray) -> float:
     """min_w (1/2n) ||X w - y||^2, via np.linalg.lstsq."""
     w = np.linalg.lstsq(X, y, rcond=None)[0]
     r = X @ w - y
-    return 0.5 * float(r @ r) / X.shape[0]
+    n: int = X.shape[0]
+    return 0.5 * float(r @ r) / n
 
 
 def logistic_value_grad(X: np.ndarray, y: np.ndarray, lam: float,
@@ -120,7 +121,8 @@ def _line_search(X: np.ndarray, y: np.ndarray, lam: float, w: np.ndarray, f: flo
                  slope: float, dx: np.ndarray) -> np.ndarray:
     """Backtracking (Armijo) step along dx; a full step once the decrease is at rounding."""
     if -slope <= 1e-13 * (1.0 + abs(f)):
-        return w + dx
+        full: np.ndarray = w + dx
+        return full
     t = 1.0
     for _ in range(60):
         w_new = w + t * dx
@@ -169,7 +171,8 @@ def smoothness(X: np.ndarray, kind: str, lam: float) -> float:
 
 def _power_lmax(gram: np.ndarray, iters: int = 2000) -> float:
     """Largest eigenvalue of a symmetric PSD matrix by power iteration."""
-    v = np.random.default_rng(0).standard_normal(gram.shape[0])
+    n: int = gram.shape[0]
+    v = np.random.default_rng(0).standard_normal(n)
     lam = 0.0
     for _ in range(iters):
         u = gram @ v

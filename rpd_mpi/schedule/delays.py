@@ -1,4 +1,4 @@
-"""Global delays and local staleness of a timeline's block updates (DESIGN 2.3).
+"""Global delays and local staleness of a timeline's block updates (docs/DESIGN.md 2.3).
 
 Updates are numbered k = 0, 1, ... in (slot, stage) order. For update k (microbatch m_k on
 stage s_k) and every stage s', j_k^(s') counts the updates before F(m_k, s') in that order; the
@@ -11,6 +11,7 @@ All of it is prefix sums over the flattened grid, so S = 128 takes well under a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def update_order(tl: Timeline) -> UpdateOrder:
 def update_mask(tl: Timeline) -> np.ndarray:
     """T x S: True where a block update completes (every backward; with flushes, the last
     backward of each flush)."""
-    is_b = tl.kind == BWD
+    is_b: np.ndarray = tl.kind == BWD
     if tl.flush:
         last = (tl.mb % tl.flush == tl.flush - 1) | (tl.mb == tl.microbatches - 1)
         is_b &= last
@@ -74,12 +75,26 @@ def _trajectory_delays(mask: np.ndarray, t: np.ndarray, s: np.ndarray, mb: np.nd
     return j, stale
 
 
-def delay_stats(tl: Timeline) -> dict:
+def steady_state(rows: np.ndarray) -> np.ndarray:
+    """The steady-state part of per-update rows: the second half of the updates
+    (docs/DESIGN.md 2.3; the first half is the start-up transient)."""
+    return rows[rows.shape[0] // 2:]
+
+
+def steady_max_mean(delays: np.ndarray) -> tuple[int | None, float | None]:
+    """Max and mean of the steady-state delays (None, None without updates)."""
+    steady = steady_state(delays)
+    if steady.size == 0:
+        return None, None
+    return int(steady.max()), float(steady.mean())
+
+
+def delay_stats(tl: Timeline) -> dict[str, Any]:
     """Steady-state (second half of the updates) and startup statistics, JSON-ready."""
     order = update_order(tl)
     d = order.delays
-    half = d.shape[0] // 2
-    steady, startup = d[half:], d[:half]
+    steady = steady_state(d)
+    startup = d[: d.shape[0] - steady.shape[0]]
     return {
         "method": tl.method,
         "stages": tl.stages,
@@ -91,7 +106,7 @@ def delay_stats(tl: Timeline) -> dict:
         "steady_p10": _p10(steady),
         "startup_max": int(startup.max()) if startup.size else 0,
         "per_stage_steady_max": [int(x) for x in steady.max(axis=0)] if steady.size else [],
-        "steady_max_local_staleness": int(order.local_staleness[half:].max())
+        "steady_max_local_staleness": int(steady_state(order.local_staleness).max())
         if steady.size else 0,
         "utilization": tl.utilization(),
     }

@@ -17,7 +17,7 @@ from rpd_mpi.schedule.timeline import ScheduleError, Timeline
 
 def generate(method: str, stages: int, microbatches: int, *, noam: int = 0,
              trajectories: int = 1, local_steps: int = 1, flush: int = 0) -> Timeline:
-    """Run the family's rules slot by slot until the last backward on stage 0 (DESIGN 2.1)."""
+    """Run the family's rules slot by slot until the last backward on stage 0 (docs/DESIGN.md 2.1)."""
     _check_sizes(stages, microbatches)
     rules = make_rules(method, stages, microbatches, noam=noam, trajectories=trajectories,
                        local_steps=local_steps, flush=flush)
@@ -71,7 +71,7 @@ def timeline_for(method: str, stages: int, microbatches: int, *, noam: int = 0,
                  trajectories: int = 1, local_steps: int = 1, flush: int = 0,
                  budget: int = 0) -> Timeline:
     """A timeline, optionally meeting a slot budget: the smallest N whose timeline reaches
-    `budget` slots, truncated at the budget (DESIGN 7). `microbatches` is then ignored."""
+    `budget` slots, truncated at the budget (docs/DESIGN.md 7). `microbatches` is then ignored."""
     kw = dict(noam=noam, trajectories=trajectories, local_steps=local_steps, flush=flush)
     if budget <= 0:
         return generate(method, stages, microbatches, **kw)

@@ -109,7 +109,7 @@ class FlushRules(Rules):
 
 
 def choose_1f1b(b_ready: bool, f_ready: bool, has_backward: bool, turn_backward: bool) -> int:
-    """The 1F1B choice of DESIGN 2.1: returns BWD, FWD or IDLE."""
+    """The 1F1B choice of docs/DESIGN.md 2.1: returns BWD, FWD or IDLE."""
     if b_ready and (not has_backward or turn_backward or not f_ready):
         return BWD
     if f_ready:
@@ -132,7 +132,7 @@ def make_rules(method: str, stages: int, microbatches: int, *, noam: int = 0,
 
 
 def next_turn(op: int, has_b: bool, turn_b: bool) -> tuple[bool, bool]:
-    """(has_backward, turn_backward) after running `op` (DESIGN 2.1)."""
+    """(has_backward, turn_backward) after running `op` (docs/DESIGN.md 2.1)."""
     if op == BWD:
         return True, False
     return has_b, has_b

@@ -64,4 +64,9 @@ class Timeline:
 
     def utilization(self) -> float:
         """Busy cells / all cells."""
-        return float(np.count_nonzero(self.kind)) / max(1, self.kind.size)
+        return busy_fraction(self.kind)
+
+
+def busy_fraction(kind: np.ndarray) -> float:
+    """Unit-time utilization of a T x S op grid: busy cells / all cells."""
+    return float(np.count_nonzero(kind)) / max(1, kind.size)

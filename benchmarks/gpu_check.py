@@ -1,32 +1,36 @@
 #!/usr/bin/env python3
-"""The one prepared GPU check of issue 6, for a session that has a GPU machine (docs/GPU.md).
+"""The one prepared GPU check (issues 6 and 15), for a session that has a GPU (docs/GPU.md).
 
-    bash jobs/gpu-check.sh                  # = python3 benchmarks/gpu_check.py --out $OUT/...
+    bash jobs/gpu-check.sh                  # sets up MPI from jobs/wheels/, then this script
     python3 benchmarks/gpu_check.py [--out docs/gpu-check.md] [--budget 360]
     python3 benchmarks/gpu_check.py --dry-run --out /tmp/gpu-check.md     # mock cupy, tiny
 
 Sections, in order (each failure is written down and the next section still runs):
   a. charlm gradient check on cupy: float64, a 3-stage tiny model, central differences at
-     random entries of every stage's block, plus cupy against numpy (same weights, batch).
+     random entries of every stage's block, plus cupy against numpy (same weights, batch);
+     and one-process copy rates (D2H, H2D, D2D, D2H+sync; see `copy_rates`), which need no
+     MPI.
   b. `rpd-mpi train --device cuda` on 3 ranks (charlm needs S >= 3): a tiny static PD run
      per transport compared with the CPU simulator (final blocks), then charlm width 256,
      S = 3 per transport and on the CPU, with the median forward/backward time per stage.
   c. transfer bandwidth between 2 ranks per transport (staged, ipc; direct only when the
      MPI library says it is CUDA-aware; host numpy MPI as the baseline) for 1..256 MiB, by
-     ping-pong through the links the runtime uses; plus one-process copy rates.
-  d. the Markdown report (`--out`) with the date and the card, rewritten after every
-     section so that a run cut short still leaves its results; the raw rows go to a .json
-     file beside it.
+     ping-pong through the links the runtime uses (run before b).
+  d. the Markdown report (`--out`) with the date, the card and the MPI library, rewritten
+     after every section so that a run cut short still leaves its results; the raw rows go
+     to a .json file beside it.
 No launch starts after `--budget` seconds (each gets at most what is left), so the whole
 script stays near that bound plus section a.
 
-Needs only python3 with numpy, cupy, mpi4py (with an mpiexec that matches it) and h5py;
-numba is optional. It puts this repository on sys.path (and PYTHONPATH for the ranks)
-itself, so nothing has to be installed. Ranks are launched as
-`MPIEXEC -n K python -m mpi4py ...` where MPIEXEC is the first of: $MPIEXEC, `mpiexec`
-beside this python, `mpiexec` / `mpirun` on PATH, that starts 2 ranks which see a world of
-2 (a probe). `--dry-run` uses the numpy mock cupy of tests/fakecupy and tiny sizes; it
-checks that the script runs, not the GPU.
+Needs only python3 with numpy, cupy, mpi4py (with an MPI library it can load and an mpiexec
+that matches it) and h5py; numba is optional. jobs/gpu-check.sh provides the MPI library
+from a wheel when the machine has none. This script puts the repository on sys.path (and
+PYTHONPATH for the ranks) itself, so nothing has to be installed. Ranks are launched as
+`MPIEXEC -n K python -m mpi4py ...` where MPIEXEC is the first of `launcher_candidates`
+($MPIEXEC, $GPU_PREFIX/bin, the prefix of $MPI4PY_LIBMPI, beside this python, PATH) that
+starts 2 ranks which see a world of 2 (a probe, which also reads the MPI library's
+version). `--dry-run` uses the numpy mock cupy of tests/fakecupy and tiny sizes; it checks
+that the script runs, not the GPU.
 """
 
 from __future__ import annotations
@@ -75,24 +79,46 @@ def child_env(dry: bool) -> dict[str, str]:
     return env
 
 
-def find_launcher(env: dict[str, str]) -> tuple[list[str] | None, str]:
-    """(mpiexec command, how it was found), probing that 2 ranks see a world of size 2."""
-    here = Path(sys.executable).parent / "mpiexec"
-    cands = [env.get("MPIEXEC"), str(here) if here.exists() else None,
-             shutil.which("mpiexec"), shutil.which("mpirun")]
+def launcher_candidates(env: dict[str, str]) -> list[str]:
+    """Where an mpiexec may be, in order: $MPIEXEC, the bin/ of the prefix that
+    jobs/gpu-check.sh installed the MPI wheel into ($GPU_PREFIX, or the one above
+    $MPI4PY_LIBMPI), beside this python, then mpiexec / mpirun on PATH."""
+    cands = [env.get("MPIEXEC")]
+    prefixes = [env.get("GPU_PREFIX")]
+    libmpi = env.get("MPI4PY_LIBMPI", "").split(os.pathsep)[0]
+    if libmpi:
+        prefixes.append(str(Path(libmpi).parent.parent))
+    cands += [str(Path(p) / "bin" / "mpiexec") for p in prefixes if p]
+    cands += [str(Path(sys.executable).parent / "mpiexec")]
+    cands += [shutil.which("mpiexec", path=env.get("PATH")),
+              shutil.which("mpirun", path=env.get("PATH"))]
+    return list(dict.fromkeys(c for c in cands if c and Path(c).exists()))
+
+
+PROBE = ("from mpi4py import MPI; c = MPI.COMM_WORLD; print(f'rank{c.Get_rank()}of"
+         "{c.Get_size()}'); c.Get_rank() or print('LIB ' + MPI.Get_library_version()"
+         ".replace(chr(0), '').strip().splitlines()[0])")
+
+
+def find_launcher(env: dict[str, str]) -> tuple[list[str] | None, str, str]:
+    """(mpiexec command, how it was found, the MPI library's version line), probing that 2
+    ranks see a world of size 2."""
     tried = []
-    for cand in dict.fromkeys(c for c in cands if c):
-        probe = [cand, "-n", "2", sys.executable, "-c", "from mpi4py import MPI; "
-                 "c = MPI.COMM_WORLD; print(f'rank{c.Get_rank()}of{c.Get_size()}')"]
+    for cand in launcher_candidates(env):
+        probe = [cand, "-n", "2", sys.executable, "-c", PROBE]
         try:
             res = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as err:
             tried.append(f"{cand}: {type(err).__name__}")
             continue
         if sorted(re.findall(r"rank\d+of\d+", res.stdout)) == ["rank0of2", "rank1of2"]:
-            return [cand], f"{cand} (probe: 2 ranks, world size 2)"
-        tried.append(f"{cand}: rc {res.returncode}, printed {res.stdout.split()[:4]}")
-    return None, "no working mpiexec: " + "; ".join(tried or ["none found"])
+            lib = next((ln[4:] for ln in res.stdout.splitlines() if ln.startswith("LIB ")),
+                       "?")
+            return [cand], f"{cand} (probe: 2 ranks, world size 2)", lib
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
+        tried.append(f"{cand}: rc {res.returncode}, printed {res.stdout.split()[:4]} "
+                     f"{tail[0][:200]}")
+    return None, "no working mpiexec: " + "; ".join(tried or ["none found"]), "?"
 
 
 def load_cupy(dry: bool) -> Any:
@@ -162,23 +188,31 @@ def gradient_check(cp: Any, probes: int = 12, h: float = 1e-5) -> dict[str, Any]
 
 
 def copy_rates(cp: Any, sizes: list[float], reps: int = 10) -> list[dict[str, Any]]:
-    """One process: pinned D2H and H2D on a stream, device-to-device; GB/s = 1e9 B/s."""
-    from rpd_mpi.mpi.comm_gpu import pinned_array  # noqa: PLC0415
+    """One process, one message of each size (GB/s = 1e9 B/s). D2H, H2D and D2D are timed
+    alike: `reps` asynchronous copies queued on one non-blocking stream (D2H into and H2D
+    from pinned memory), then one synchronize, so the three columns compare. D2H+sync puts
+    a synchronize after each copy, as the staged send must before its Isend."""
+    from rpd_mpi.mpi.pinned import pinned_array  # noqa: PLC0415
     rows = []
     for mib in sizes:
         n = max(1, int(mib * 2 ** 20 / 8))
-        dev, dev2 = cp.ones(n), cp.empty(n)
+        src, dst = cp.ones(n), cp.empty(n)
         host, stream = pinned_array(cp, (n,), "float64"), cp.cuda.Stream(non_blocking=True)
-        row = {"MiB": mib}
-        for name, op in (("D2H pinned", lambda: dev.get(stream=stream, out=host)),
-                         ("H2D pinned", lambda: dev2.set(host, stream=stream)),
-                         ("D2D", lambda: dev2.data.copy_from_device_async(dev.data, n * 8,
-                                                                          stream))):
+        cp.cuda.get_current_stream().synchronize()      # `ones` has run before any copy
+        ops = {"D2H": (lambda: src.get(stream=stream, out=host, blocking=False), False),
+               "H2D": (lambda: dst.set(host, stream=stream), False),
+               "D2D": (lambda: dst.data.copy_from_device_async(src.data, n * 8, stream),
+                       False),
+               "D2H+sync": (lambda: src.get(stream=stream, out=host, blocking=False), True)}
+        row: dict[str, Any] = {"MiB": mib}
+        for name, (op, each) in ops.items():
             op()
-            stream.synchronize()
+            stream.synchronize()                         # warm up
             t0 = time.perf_counter()
             for _ in range(reps):
                 op()
+                if each:
+                    stream.synchronize()
             stream.synchronize()
             row[name] = n * 8 * reps / (time.perf_counter() - t0) / 1e9
         rows.append(row)
@@ -343,7 +377,7 @@ def table(rows: list[dict[str, Any]], keys: list[str]) -> str:
 
 def render(state: dict[str, Any]) -> str:
     f = state["facts"]
-    out = ["# GPU check (issue 6)", ""]
+    out = ["# GPU check (issues 6 and 15)", ""]
     if state["dry"]:
         out += ["**DRY RUN against the numpy mock cupy (tests/fakecupy): no GPU was used; "
                 "the numbers below say nothing about a GPU.**", ""]
@@ -400,7 +434,11 @@ def do_grad(state: dict[str, Any], cp: Any) -> str:
 def do_copies(state: dict[str, Any], cp: Any, sizes: list[float]) -> str:
     rows = copy_rates(cp, sizes)
     state["raw"]["copies"] = rows
-    return table(rows, ["MiB", "D2H pinned", "H2D pinned", "D2D"])
+    return (table(rows, ["MiB", "D2H", "H2D", "D2D", "D2H+sync"]) +
+            "\n\nD2H, H2D, D2D: 10 asynchronous copies of one message queued on one "
+            "non-blocking stream (D2H into, H2D from pinned memory), then one synchronize. "
+            "D2H+sync: a synchronize after each D2H, as the staged send does before its "
+            "Isend.")
 
 
 def do_runs(state: dict[str, Any], p: dict[str, Any], tmp: Path) -> str:
@@ -414,8 +452,8 @@ def do_runs(state: dict[str, Any], p: dict[str, Any], tmp: Path) -> str:
     state["raw"]["equivalence"], state["raw"]["runs"] = eq, runs
     keys = ["device", "transport", "rc", "wall_s", "utilization"] + [
         f"{o}{s}_ms" for s in range(3) for o in "FB"] + ["loss_first", "loss_last"]
-    text = (f"Static PD equivalence (tiny charlm, S = 3, 8 microbatches): --device cuda vs "
-            f"the CPU simulator, max relative difference of the final blocks\n\n"
+    text = ("Static PD equivalence (tiny charlm, S = 3, 8 microbatches): --device cuda vs "
+            "the CPU simulator, max relative difference of the final blocks\n\n"
             + table(eq, ["transport", "rc", "vs_simulator_rel", "pass", "error"])
             + f"\n\ncharlm width {p['width']}, heads {p['heads']}, context {p['context']}, "
             f"batch {p['batch']}, S = 3, {p['micro']} microbatches, static PD, 3 ranks on "
@@ -432,7 +470,7 @@ def do_bandwidth(state: dict[str, Any], p: dict[str, Any]) -> str:
                for k in ("host", "staged", "ipc")]
     aware = results[1].get("cuda_aware")
     state["aware"] = f"{aware} ({results[1].get('how', '?')})"
-    state["mpi"] = results[1].get("mpi", results[0].get("mpi", "?"))
+    state["mpi"] = results[1].get("mpi", results[0].get("mpi", state.get("mpi", "?")))
     if aware:
         results.append(bandwidth(launcher, env, "direct", p["sizes"], p["reps_bytes"], 150))
         state["transports"].append("direct")
@@ -443,9 +481,12 @@ def do_bandwidth(state: dict[str, Any], p: dict[str, Any]) -> str:
             rows.setdefault(r["MiB"], {"MiB": r["MiB"]})[res["kind"]] = r["GB_s"]
     kinds = [r["kind"] for r in results]
     text = table(list(rows.values()), ["MiB", *kinds])
-    text += ("\n\nhost = numpy buffers through comm.SendLink/RecvLink (the MPI baseline); "
-             "staged = D2H into pinned memory, host MPI, H2D; ipc = device-to-device into "
-             "the peer's ring + a small MPI message; direct = device buffers to MPI.")
+    text += ("\n\nEach cell: bytes of one message x 2 x round trips / seconds, ping-pong "
+             "between 2 ranks through the links the runtime uses. host = numpy buffers "
+             "through comm.SendLink/RecvLink (the MPI baseline); staged = D2H into pinned "
+             "memory (its event synchronized before the Isend), host MPI, H2D; ipc = "
+             "device-to-device into the peer's ring + a small MPI message; direct = device "
+             "buffers to MPI.")
     if not aware:
         text += f" direct: not run, the MPI library is not CUDA-aware ({state['aware']})."
     for res in results:
@@ -489,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     state["env"] = child_env(args.dry_run)
     section(state, "grad", lambda: do_grad(state, cp))
     section(state, "copies", lambda: do_copies(state, cp, p["sizes"]))
-    state["launcher_cmd"], state["launcher"] = find_launcher(state["env"])
+    state["launcher_cmd"], state["launcher"], state["mpi"] = find_launcher(state["env"])
     if state["launcher_cmd"] is None:
         state["sections"]["runs"] = state["sections"]["bw"] = f"not run: {state['launcher']}"
     else:

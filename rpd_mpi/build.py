@@ -9,47 +9,45 @@ from __future__ import annotations
 
 import os
 import socket
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from rpd_mpi.budget import check_memory
 from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.engines.rpd import RPDPlan, rpd_plan, simulate_rpd
 from rpd_mpi.engines.sim import simulate
 from rpd_mpi.ledger import LedgerError, read_arrays, read_run
+from rpd_mpi.ledger.run_file import array_shape
 from rpd_mpi.objectives import build_model
 from rpd_mpi.objectives.charlm import build_charlm
 from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.progress import Progress
 from rpd_mpi.records import RunRecord, Trace
-from rpd_mpi.schedule.delays import update_order
-from rpd_mpi.schedule.generate import timeline_for
+from rpd_mpi.schedule.delays import update_mask, update_order
+from rpd_mpi.schedule.generate import generate, timeline_for
 from rpd_mpi.schedule.timeline import Timeline
 
-
-def check_out(path: str) -> None:
-    """Fail before any work if the ledger cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError("--out", f"directory {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError("--out", f"directory {folder} is not writable")
+DATA_ARRAYS = ("X", "y", "w_true", "f_star")
 
 
 def load_data(path: str) -> dict[str, np.ndarray]:
-    """X, y (and optional w_true, f_star) from an .npz or .h5 file; ConfigError('--data')."""
+    """X, y (and optional w_true, f_star) from an .npz or .h5 file; ConfigError('--data')
+    naming the file for anything that cannot be read (empty, truncated, corrupt, pickled)."""
     if not os.path.isfile(path):
         raise ConfigError("--data", f"no such file: {path}")
     if path.endswith(".npz"):
         try:
             with np.load(path) as f:
-                arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError) as err:
-            raise ConfigError("--data", f"cannot read {path} as .npz: {err}") from None
+                arrays = {k: f[k] for k in DATA_ARRAYS if k in f.files}
+        except Exception as err:        # BadZipFile, EOFError, zlib.error, pickled data, ...
+            raise ConfigError("--data", f"cannot read {path} as .npz: "
+                                        f"{type(err).__name__}: {err}") from None
     elif path.endswith((".h5", ".hdf5")):
         try:
-            arrays = read_arrays(path, [], optional=["X", "y", "w_true", "f_star"])
+            arrays = read_arrays(path, [], optional=list(DATA_ARRAYS))
         except LedgerError as err:
             raise ConfigError("--data", str(err)) from None
     else:
@@ -58,12 +56,36 @@ def load_data(path: str) -> dict[str, np.ndarray]:
         if name not in arrays:
             raise ConfigError("--data", f"{path} has no array {name!r}; it needs X (n x d) "
                                         f"and y (n), optionally w_true (d) and f_star")
-    return {k: arrays[k] for k in ("X", "y", "w_true", "f_star") if k in arrays}
+    return arrays
 
 
-def build(cfg: RunConfig) -> Model:
-    """The model of a configuration (data file read and checked here)."""
+def data_shape(path: str) -> tuple[int, int] | None:
+    """(n, d) of the X of a data file, read from its header only (None when it cannot tell:
+    `load_data` then says why)."""
+    if not os.path.isfile(path):
+        return None
+    shape = _npz_shape(path) if path.endswith(".npz") else array_shape(path, "X")
+    return (int(shape[0]), int(shape[1])) if shape is not None and len(shape) == 2 else None
+
+
+def _npz_shape(path: str) -> tuple[int, ...] | None:
+    try:
+        with zipfile.ZipFile(path) as z, z.open("X.npy") as member:
+            version = np.lib.format.read_magic(member)
+            header = np.lib.format.read_array_header_1_0(member) if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0(member)
+            return tuple(header[0])
+    except Exception:                   # unreadable: load_data reports it
+        return None
+
+
+def build(cfg: RunConfig, ranks: int = 1) -> Model:
+    """The model of a configuration (data file read and checked here), once the run is known
+    to fit in memory (`rpd_mpi.budget`; `ranks`: the job's processes on this machine, 1 for
+    the simulator)."""
     obj, S = cfg.objective, cfg.schedule.stages
+    check_memory(cfg, data_shape(obj.data) if obj.data and obj.name != "charlm" else None,
+                 ranks)
     if obj.name == "charlm":
         return _charlm(cfg)
     data = load_data(obj.data) if obj.data else None
@@ -78,8 +100,10 @@ def build(cfg: RunConfig) -> Model:
         return build_model(obj.name, S, dim=obj.dim, examples=obj.examples,
                            batch_size=obj.batch_size, seed=cfg.seed, noise=obj.noise,
                            mu=obj.mu, lam=obj.lam, data=data)
-    except ValueError as err:
-        raise ConfigError("--data" if data else "--objective", str(err)) from None
+    except (ValueError, TypeError) as err:
+        if data is not None:
+            raise ConfigError("--data", f"{obj.data}: {err}") from None
+        raise ConfigError("--objective", str(err)) from None
 
 
 def _charlm(cfg: RunConfig) -> Model:
@@ -95,20 +119,31 @@ def _charlm(cfg: RunConfig) -> Model:
                             context=obj.context, batch_size=obj.batch_size, seed=cfg.seed,
                             text=text)
     except ValueError as err:
-        raise ConfigError("--data" if obj.data else "--objective", str(err)) from None
+        if obj.data:
+            raise ConfigError("--data", f"{obj.data}: {err}") from None
+        raise ConfigError("--objective", str(err)) from None
 
 
 def schedule_of(cfg: RunConfig) -> Timeline:
-    """The unit-time timeline of a pipeline method (PD for RPD: its clock and delays)."""
+    """The unit-time timeline of a pipeline method (PD for RPD: its clock and delays); a slot
+    budget too short for one block update is refused."""
     sch = cfg.schedule
     method = "pd" if sch.method == "rpd" else sch.method
-    return timeline_for(method, sch.stages, sch.microbatches, noam=sch.noam,
-                        trajectories=sch.trajectories, local_steps=sch.local_steps,
-                        flush=sch.flush, budget=sch.budget_slots)
+    kw = dict(noam=sch.noam, trajectories=sch.trajectories, local_steps=sch.local_steps,
+              flush=sch.flush)
+    tl = timeline_for(method, sch.stages, sch.microbatches, budget=sch.budget_slots, **kw)
+    if sch.budget_slots and not update_mask(tl).any():
+        first = generate(method, sch.stages, (sch.flush or sch.stages) if method == "gpipe"
+                         else 1, **kw)
+        need = int(np.nonzero(update_mask(first).any(axis=1))[0][0]) + 1
+        raise ConfigError("--budget-slots", f"{sch.budget_slots} slots hold no block update: "
+                                            f"the first one ends with slot {need}; give at "
+                                            f"least {need} (got {sch.budget_slots})")
+    return tl
 
 
-def simulate_run(cfg: RunConfig, model: Model | None = None) -> RunRecord:
-    """Run the simulator for `cfg` and return the complete record."""
+def simulate_run(cfg: RunConfig, model: Model | None = None, run_id: str = "") -> RunRecord:
+    """Run the simulator for `cfg` and return the record (complete, or diverged)."""
     model = model if model is not None else build(cfg)
     tl = schedule_of(cfg)
     if cfg.schedule.method == "rpd":
@@ -116,9 +151,10 @@ def simulate_run(cfg: RunConfig, model: Model | None = None) -> RunRecord:
     else:
         trace = simulate(tl, model, cfg.lr, groups=cfg.schedule.groups,
                          eval_every=cfg.eval_every,
-                         progress=Progress(tl.slots, what="slots").tick)
+                         progress=Progress(tl.slots, what="slots").tick,
+                         diverge_factor=cfg.diverge_factor)
         delta = int(trace.updates.delays.max()) if len(trace.updates) else 0
-    return to_record(cfg, model, trace, tl, engine="sim", delta=delta)
+    return to_record(cfg, model, trace, tl, engine="sim", delta=delta, run_id=run_id)
 
 
 @dataclass(frozen=True)
@@ -135,8 +171,8 @@ def _rpd(cfg: RunConfig, model: Model, tl: Timeline) -> tuple[Trace, int]:
     setup = rpd_setup(cfg, model, tl)
     return simulate_rpd(model, cfg.lr, setup.plan, delta=setup.delta, clock=setup.clock,
                         eval_every=cfg.eval_every,
-                        progress=Progress(setup.plan.stage.size, what="updates").tick), \
-        setup.delta
+                        progress=Progress(setup.plan.stage.size, what="updates").tick,
+                        diverge_factor=cfg.diverge_factor), setup.delta
 
 
 def rpd_setup(cfg: RunConfig, model: Model, tl: Timeline) -> RPDSetup:
@@ -176,7 +212,8 @@ def replayed_delays(path: str, stages: int, updates: int) -> np.ndarray:
 
 
 def to_record(cfg: RunConfig, model: Model, trace: Trace, tl: Timeline | None, *,
-              engine: str, delta: int, extra: dict[str, Any] | None = None) -> RunRecord:
+              engine: str, delta: int, extra: dict[str, Any] | None = None,
+              run_id: str = "") -> RunRecord:
     """Wrap an engine's trace with the attributes every ledger carries (docs/DESIGN.md 5)."""
     sch = cfg.schedule
     attrs = {
@@ -192,6 +229,10 @@ def to_record(cfg: RunConfig, model: Model, trace: Trace, tl: Timeline | None, *
         cfg.runtime.order, "mpi_library": "",
         "hosts": [socket.gethostname()], "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
     }
+    attrs["run_id"] = run_id
+    attrs["status"] = "diverged" if trace.divergence is not None else "complete"
+    if trace.divergence is not None:
+        attrs.update(trace.divergence.to_attrs())
     vocab = getattr(model, "vocab", None)          # the char LM's alphabet
     if vocab is not None:
         attrs["vocab"] = "".join(vocab)

@@ -9,24 +9,44 @@ and before any ledger file is created.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from rpd_mpi import commands
 from rpd_mpi.config import ConfigError
 from rpd_mpi.flags import FLAGS, TRAIN_FLAGS, add_run_flags, typed
 
+#: Where launchers put a process's rank (MPICH/Hydra, PMIx, Open MPI, Intel MPI, Slurm).
+RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID",
+                  "SLURM_PROCID")
+
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors naming the program."""
+    """argparse with one-line errors naming the program, and no abbreviated flags."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         fail(message)
 
 
+def launch_rank() -> int | None:
+    """This process's rank as the launcher set it (mpiexec, srun), without importing mpi4py
+    (that would start MPI); None outside a launch."""
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
 def fail(message: str) -> None:
-    """Print one error line and exit 2."""
-    print(f"rpd-mpi: error: {message}", file=sys.stderr)
+    """Print one error line (once per job: only on rank 0 of a launch) and exit 2."""
+    if launch_rank() in (None, 0):
+        print(f"rpd-mpi: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(2)
 
 

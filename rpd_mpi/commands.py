@@ -8,27 +8,31 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-from typing import TYPE_CHECKING, Callable
+import os
+import sys
+from typing import Callable
 
-from rpd_mpi import analysis
-from rpd_mpi.build import build, check_out, simulate_run
+from rpd_mpi import analysis, jsonout
+from rpd_mpi.build import build, simulate_run
 from rpd_mpi.config import ConfigError, ScheduleConfig
 from rpd_mpi.experiments import registry
 from rpd_mpi.flags import FLAGS, TRAIN_FLAGS, config_from
-from rpd_mpi.ledger import LedgerError, read_run, write_run
+from rpd_mpi.ledger import LedgerError, read_run
 from rpd_mpi.ledger.report import compare_table, format_summary, summarize
-from rpd_mpi.records import RunRecord
+from rpd_mpi.outputs import (EXIT_DIVERGED, EXIT_OK, EXIT_WRITE, OutLock, WriteFailed, check_out,
+                             inputs_of, new_run_id, write_out)
+from rpd_mpi.records import Divergence, RunRecord
 from rpd_mpi.schedule import Timeline, generate
 from rpd_mpi.schedule.delays import delay_stats, pd_steady_max
 from rpd_mpi.schedule.text import render
 
-if TYPE_CHECKING:
-    from rpd_mpi.objectives.protocol import Model
-
 
 def run(args: argparse.Namespace) -> int:
-    return HANDLERS[args.command](args)
+    try:
+        return HANDLERS[args.command](args)
+    except WriteFailed as err:            # disk full, quota, I/O error: one line, no ledger
+        print(f"rpd-mpi: error: {err}", file=sys.stderr)
+        return EXIT_WRITE
 
 
 def _print_summary(record: RunRecord, as_json: bool, out: str = "") -> None:
@@ -36,27 +40,47 @@ def _print_summary(record: RunRecord, as_json: bool, out: str = "") -> None:
     if out:
         summary["ledger"] = out
     if as_json:
-        print(json.dumps(summary, sort_keys=False))
+        print(jsonout.dumps(summary, sort_keys=False))
     else:
         print(format_summary(summary))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = config_from(args, FLAGS)
-    check_out(cfg.out)
-    model: Model = build(cfg)
-    record = simulate_run(cfg, model)
-    write_run(cfg.out, record)
+    run_id = new_run_id()
+    check_out(cfg.out, inputs_of(cfg, args.config or ""), cfg.force)
+    lock = OutLock(cfg.out, run_id)
+    lock.acquire()
+    try:
+        record = simulate_run(cfg, build(cfg), run_id)
+        write_out(cfg.out, record, run_id)
+    finally:
+        lock.release()
     _print_summary(record, args.json, cfg.out)
-    return 0
+    return _outcome(record, cfg.lr)
+
+
+def _outcome(record: RunRecord, lr: float) -> int:
+    """The exit code of a written run; a diverged run also gets its one line."""
+    if record.attrs.get("status") != "diverged":
+        return EXIT_OK
+    print(f"rpd-mpi: error: {Divergence.from_attrs(record.attrs).describe(lr)}",
+          file=sys.stderr)
+    return EXIT_DIVERGED
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     # the MPI runtime is loaded here, not at the top: importing mpi4py initialises MPI,
     # which no other subcommand should do (tests/test_layers.py allows this one import)
     from rpd_mpi.mpi.train import train
-    return train(lambda: config_from(args, {**FLAGS, **TRAIN_FLAGS}),
-                 lambda record: _print_summary(record, args.json, record.config["out"]))
+    code = train(lambda: config_from(args, {**FLAGS, **TRAIN_FLAGS}),
+                 lambda record: _print_summary(record, args.json, record.config["out"]),
+                 config_file=args.config or "")
+    if code == EXIT_WRITE:      # a part file failed to write: leave without HDF5 or MPI
+        sys.stdout.flush()      # clean-up, which retries the failed writes (ledger.parts)
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _schedule_config(args: argparse.Namespace, default_n: Callable[[int], int]) -> ScheduleConfig:
@@ -79,7 +103,7 @@ def _timeline(sch: ScheduleConfig) -> Timeline:
 def cmd_schedule(args: argparse.Namespace) -> int:
     tl = _timeline(_schedule_config(args, lambda s: 2 * s))
     if args.json:
-        print(json.dumps({"method": tl.method, "stages": tl.stages,
+        print(jsonout.dumps({"method": tl.method, "stages": tl.stages,
                           "microbatches": tl.microbatches, "slots": tl.slots,
                           "kind": tl.kind.T.tolist(), "mb": tl.mb.T.tolist(),
                           "averages": list(tl.averages)}))
@@ -94,7 +118,7 @@ def cmd_delays(args: argparse.Namespace) -> int:
     closed_form = tl.method == "pd" and tl.noam == tl.stages   # S^2 - S/2 holds for NOAM = S
     stats["formula_max"] = pd_steady_max(tl.stages) if closed_form else None
     if args.json:
-        print(json.dumps(stats))
+        print(jsonout.dumps(stats))
     else:
         for key, value in stats.items():
             print(f"{key:28s} {value}")
@@ -113,7 +137,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     summaries = [dict(summarize(r), ledger=p) for r, p in zip(records, args.ledgers)]
     if args.json:
-        print(json.dumps({"runs": summaries}))
+        print(jsonout.dumps({"runs": summaries}))
     else:
         print(compare_table(summaries))
     return 0

@@ -9,6 +9,7 @@ back (and reads TOML config files, whose keys are the section/field names below)
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,26 +27,51 @@ _FAULT = re.compile(r"(raise|stall):\d+:\d+")
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; `flag` names the command-line flag."""
+    """A bad configuration value; `flag` names the command-line flag (or file, or TOML key).
+
+    The message is kept to one line (newlines and runs of spaces collapse), so that every
+    printer of it prints exactly one line."""
 
     def __init__(self, flag: str, message: str) -> None:
-        super().__init__(f"{flag}: {message}")
-        self.flag = flag
+        self.flag, self.message = flag, " ".join(str(message).split())
+        super().__init__(f"{flag}: {self.message}")
 
 
-def _int_at_least(flag: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(flag, f"must be an integer >= {low} (got {value!r})")
+#: numpy's generators take any seed >= 0; the ledger stores it as an HDF5 int64 attribute.
+SEED_MAX = 2 ** 63 - 1
+
+
+def _int_at_least(flag: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or \
+            (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ConfigError(flag, f"must be an integer {allowed} (got {value!r})")
 
 
 def _choice(flag: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ConfigError(flag, f"must be one of {', '.join(allowed)} (got {value!r})")
 
 
+def _text(flag: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(flag, f"must be a string (got {value!r})")
+
+
+def _finite(flag: str, value: object, low: float = 0.0, *, strict: bool = False) -> None:
+    """A finite real number >= low (> low when strict); bools, nan and inf are refused."""
+    try:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value) and (value > low if strict else value >= low)
+    except OverflowError:              # an integer too large for a float
+        ok = False
+    if not ok:
+        raise ConfigError(flag, f"must be a finite number {'>' if strict else '>='} {low:g} "
+                                f"(got {value!r})")
+
+
 def _positive(flag: str, value: object) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ConfigError(flag, f"must be a number > 0 (got {value!r})")
+    _finite(flag, value, strict=True)
 
 
 @dataclass(frozen=True)
@@ -78,6 +104,21 @@ class ScheduleConfig:
                 if value != 1:
                     raise ConfigError(flag, f"only --method localsgd uses it; must be 1 with "
                                             f"--method {self.method} (got {value})")
+        self._check_copies()
+
+    def _check_copies(self) -> None:
+        """R beyond the microbatches (or slots) a run has would never step, nor H beyond the
+        microbatches (a budget's N is not known here: under one, H only delays averaging)."""
+        limit, what = (self.budget_slots, f"--budget-slots {self.budget_slots}") \
+            if self.budget_slots else (self.microbatches, f"--microbatches {self.microbatches}")
+        checks = [("--trajectories", self.trajectories, "a trajectory owns every R-th "
+                   "microbatch")]
+        if not self.budget_slots:
+            checks.append(("--local-steps", self.local_steps, "a round is R x H microbatches"))
+        for flag, value, meaning in checks:
+            if value > limit:
+                raise ConfigError(flag, f"must be <= {what} ({meaning}; more never steps) "
+                                        f"(got {value})")
 
 
 @dataclass(frozen=True)
@@ -94,6 +135,7 @@ class RPDConfig:
             _int_at_least("--delta", self.delta, 0)
         _choice("--delay-source", self.delay_source, DELAY_SOURCES)
         _int_at_least("--updates", self.updates, 0)
+        _text("--delays-from", self.delays_from)
         if self.delay_source == "ledger" and not self.delays_from:
             raise ConfigError("--delays-from", "is required with --delay-source ledger")
 
@@ -116,6 +158,7 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         _choice("--objective", self.name, OBJECTIVES)
+        _text("--data", self.data)
         for flag, value in (("--width", self.width), ("--heads", self.heads),
                             ("--context", self.context)):
             _int_at_least(flag, value, 1)
@@ -125,11 +168,9 @@ class ObjectiveConfig:
         _int_at_least("--dim", self.dim, 1)
         _int_at_least("--examples", self.examples, 1)
         _int_at_least("--batch-size", self.batch_size, 1)
-        if not isinstance(self.noise, (int, float)) or self.noise < 0:
-            raise ConfigError("--noise", f"must be a number >= 0 (got {self.noise!r})")
+        _finite("--noise", self.noise)
         _positive("--mu", self.mu)
-        if not isinstance(self.lam, (int, float)) or self.lam < 0:
-            raise ConfigError("--lam", f"must be a number >= 0 (got {self.lam!r})")
+        _finite("--lam", self.lam)
         if not self.data and self.name != "charlm" and self.examples % self.batch_size:
             raise ConfigError("--batch-size", f"must divide --examples {self.examples} "
                                               f"(got {self.batch_size})")
@@ -155,11 +196,21 @@ class RuntimeConfig:
         self._check_gpu()
         _choice("--wait", self.wait, WAITS)
         _positive("--timeout", self.timeout)
-        if not isinstance(self.op_cost, (int, float)) or self.op_cost < 0:
-            raise ConfigError("--op-cost", f"must be a number >= 0 (got {self.op_cost!r})")
+        _finite("--op-cost", self.op_cost)
+        if self.op_cost >= self.timeout:
+            raise ConfigError("--op-cost", f"must be < --timeout {self.timeout:g} (a neighbour "
+                                           f"waits at least one op for each message; got "
+                                           f"{self.op_cost:g})")
+        _text("--fault", self.fault)
         if self.fault and not _FAULT.fullmatch(self.fault):
             raise ConfigError("--fault", f"must be raise:RANK:OP or stall:RANK:OP "
                                          f"(got {self.fault!r})")
+
+    def check_fault_rank(self, world_size: int) -> None:
+        """--fault must name a rank of the job (call it where the world size is known)."""
+        if self.fault and int(self.fault.split(":")[1]) >= world_size:
+            raise ConfigError("--fault", f"rank must be in 0..{world_size - 1}, the job's "
+                                         f"{world_size} ranks (got {self.fault!r})")
 
     def _check_gpu(self) -> None:
         _choice("--transport", self.transport, TRANSPORTS)
@@ -195,11 +246,25 @@ class RunConfig:
     seed: int = 0
     eval_every: int = 1           # objective every E block updates (engines.cadence)
     out: str = "run.h5"
+    force: bool = False           # replace an existing --out (atomically, when complete)
+    diverge_factor: float = 1e6   # a loss above this x the first one is divergence (0: off)
+    max_memory: float | None = None   # GiB a run may need (rpd_mpi.budget); None = what the
+    #                                   machine has available, 0 = no check
 
     def __post_init__(self) -> None:
         _positive("--lr", self.lr)
-        _int_at_least("--seed", self.seed, 0)
+        _int_at_least("--seed", self.seed, 0, SEED_MAX)
         _int_at_least("--eval-every", self.eval_every, 1)
+        if self.max_memory is not None:
+            _finite("--max-memory", self.max_memory)
+        _text("--out", self.out)
+        if not isinstance(self.force, bool):
+            raise ConfigError("--force", f"must be true or false (got {self.force!r})")
+        if not isinstance(self.diverge_factor, (int, float)) or \
+                isinstance(self.diverge_factor, bool) or not 0 <= self.diverge_factor < math.inf:
+            raise ConfigError("--diverge-factor", f"must be a finite number >= 0 (0 = only "
+                                                  f"non-finite values count; got "
+                                                  f"{self.diverge_factor!r})")
         if not self.out:
             raise ConfigError("--out", "must name the ledger file to write")
         self._check_cross()
@@ -232,6 +297,29 @@ class RunConfig:
         if sch.flush and sch.method != "gpipe":
             raise ConfigError("--flush", f"only --method gpipe uses it (got --method "
                                          f"{sch.method})")
+        if rpd.delta is not None and sch.method != "rpd":
+            raise ConfigError("--delta", f"only --method rpd uses it (got --method "
+                                         f"{sch.method})")
+        if rpd.delta is not None and rpd.delay_source == "zero":
+            raise ConfigError("--delta", "--delay-source zero reads no stale block; leave it "
+                                         "out")
+        self._check_objective_unused()
+
+    def _check_objective_unused(self) -> None:
+        """Objective flags the chosen objective ignores, where they differ from the default."""
+        obj, default = self.objective, ObjectiveConfig()
+        unused = {"charlm": ("dim", "examples", "noise", "mu", "lam"),
+                  "tridiag": ("width", "heads", "context", "lam"),
+                  "logistic": ("width", "heads", "context", "mu")}.get(
+                      obj.name, ("width", "heads", "context", "mu", "lam"))
+        for name in unused:
+            if getattr(obj, name) != getattr(default, name):
+                raise ConfigError(f"--{name}", f"--objective {obj.name} does not use it; leave "
+                                               f"it out (got {getattr(obj, name)!r})")
+
+    def check_fault_rank(self, world_size: int) -> None:
+        """--fault names a rank of the job: call it where the world size is known."""
+        self.runtime.check_fault_rank(world_size)
 
     @property
     def delta(self) -> int:
@@ -249,6 +337,8 @@ class RunConfig:
         parts = {"schedule": ScheduleConfig, "rpd": RPDConfig,
                  "objective": ObjectiveConfig, "runtime": RuntimeConfig}
         kwargs: dict[str, Any] = {}
+        if not isinstance(d, dict):
+            raise ConfigError("config", f"must be a table of sections (got {d!r})")
         for key, value in d.items():
             if key in parts:
                 kwargs[key] = _build(parts[key], value, key)
@@ -261,6 +351,9 @@ class RunConfig:
 
 
 def _build(kind: type, values: dict[str, Any], section: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}]", f"must be a table of keys (got {section} = "
+                                          f"{values!r})")
     names = {f.name for f in dataclasses.fields(kind)}
     unknown = set(values) - names
     if unknown:

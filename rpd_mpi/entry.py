@@ -5,6 +5,10 @@ variables: MPI ranks share the cores, and threaded BLAS made small charlm stages
 a 2-core machine. The variables only act if they are set before numpy is loaded, so this
 module sets them first and imports the command line afterwards: the one deliberate import
 inside a function in the package (tests/test_layers.py allows exactly this one).
+
+A reader that goes away early (`rpd-mpi report run.h5 | head -1`) ends the command quietly
+with exit code 141 (128 + SIGPIPE, what a shell reports for a process killed by SIGPIPE):
+no traceback, and nothing more is written to the closed pipe.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 from typing import Sequence
 
 RUN_COMMANDS = ("train", "simulate")
+BROKEN_PIPE = 141
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -23,4 +28,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for var in BLAS_THREAD_VARS:
             os.environ.setdefault(var, "1")
     from rpd_mpi.cli import main as cli_main  # after the variables: it loads numpy
-    return cli_main(args)
+    try:
+        code = cli_main(args)
+        sys.stdout.flush()          # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    return code
+
+
+def _quiet_broken_pipe() -> int:
+    """Point stdout at /dev/null (the flush at exit would fail again) and return 141."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):   # stdout has no file descriptor: nothing left to flush
+        pass
+    finally:
+        os.close(devnull)
+    return BROKEN_PIPE

@@ -2,12 +2,15 @@
 
 `FLAGS` and `TRAIN_FLAGS` map each flag to (section, field, type, help); `add_run_flags`
 puts them on a parser and `config_from` builds the validated configuration: defaults, then
-a TOML file given with `--config`, then explicit flags.
+a TOML file given with `--config`, then explicit flags. Relative paths in the TOML file
+(data, delays_from, out) are relative to its folder; a bad value that came from it is named
+as `--config FILE: [section] key`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable
 
@@ -53,7 +56,14 @@ FLAGS: FlagTable = {
     "--seed": ("", "seed", int, "random seed"),
     "--eval-every": ("", "eval_every", int, "record the objective every E block updates "
                      "(every engine; the simulator checks at slot ends)"),
-    "--out": ("", "out", str, "ledger file to write"),
+    "--out": ("", "out", str, "ledger file to write (a new file; see --force)"),
+    "--force": ("", "force", bool, "replace an existing --out ledger (the old one stays "
+                "intact until the new one is complete)"),
+    "--diverge-factor": ("", "diverge_factor", float, "stop as diverged when a loss exceeds "
+                         "this many times the first loss (0 = only NaN/inf)"),
+    "--max-memory": ("", "max_memory", float, "GiB of memory the run may need, estimated "
+                     "before it starts (default: what the machine has available; 0 = no "
+                     "check)"),
 }
 TRAIN_FLAGS: FlagTable = {
     "--order": ("runtime", "order", str, f"one of {', '.join(ORDERS)}"),
@@ -73,6 +83,9 @@ TRAIN_FLAGS: FlagTable = {
 }
 
 
+ALL_FLAGS: FlagTable = {**FLAGS, **TRAIN_FLAGS}
+
+
 def typed(kind: type, flag: str) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
@@ -86,7 +99,9 @@ def typed(kind: type, flag: str) -> Callable[[str], Any]:
 
 def add_run_flags(p: argparse.ArgumentParser, table: FlagTable) -> None:
     p.add_argument("--config", help="TOML file with [schedule], [rpd], [objective], "
-                   "[runtime] sections and top-level lr, seed, eval_every, out; flags win")
+                   "[runtime] sections and top-level lr, seed, eval_every, out, max_memory; "
+                   "flags win; relative paths in it (data, delays_from, out) are relative to "
+                   "its folder")
     defaults = RunConfig()
     for flag, (section, name, kind, text) in table.items():
         default = getattr(getattr(defaults, section) if section else defaults, name)
@@ -98,23 +113,57 @@ def add_run_flags(p: argparse.ArgumentParser, table: FlagTable) -> None:
                        default=None, help=text + shown)
 
 
+#: TOML keys holding paths: relative ones are relative to the TOML file's folder.
+TOML_PATHS = (("objective", "data"), ("rpd", "delays_from"), ("", "out"))
+SECTIONS = ("schedule", "rpd", "objective", "runtime")
+
+
 def config_from(args: argparse.Namespace, table: FlagTable) -> RunConfig:
-    """Defaults < TOML file < command-line flags, validated."""
-    tree: dict[str, Any] = read_toml(args.config) if getattr(args, "config", None) else {}
+    """Defaults < TOML file < command-line flags, validated. An error in a value that came
+    from the TOML file names the file and the key, not the flag."""
+    path = getattr(args, "config", None)
+    tree: dict[str, Any] = read_toml(path) if path else {}
+    given = set()
     for flag, (section, name, _, _) in table.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is None:
             continue
+        given.add(flag)
         (tree.setdefault(section, {}) if section else tree)[name] = value
-    return RunConfig.from_dict(tree)
+    try:
+        return RunConfig.from_dict(tree)
+    except ConfigError as err:
+        if path and err.flag not in given:
+            raise _in_toml(err, path, tree) from None
+        raise
+
+
+def _in_toml(err: ConfigError, path: str, tree: dict[str, Any]) -> ConfigError:
+    """The error of a TOML value, naming `--config FILE` and the key."""
+    where = err.flag
+    if err.flag in ALL_FLAGS:
+        section, name = ALL_FLAGS[err.flag][:2]
+        if name not in (tree.get(section, {}) if section else tree):
+            return err                 # a default or a flag caused it: the flag name stands
+        where = f"[{section}] {name}" if section else name
+    return ConfigError(f"--config {path}", f"{where}: {err.message}")
 
 
 def read_toml(path: str) -> dict[str, Any]:
+    """The TOML tree: sections are tables, relative paths resolved against its folder."""
     try:
         with open(path, "rb") as f:
             tree: dict[str, Any] = tomllib.load(f)
-            return tree
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError("--config", f"cannot read {path}: {err}") from None
-
-
+    except (OSError, ValueError) as err:    # TOMLDecodeError, UnicodeDecodeError
+        raise ConfigError("--config", f"cannot read {path} as TOML: {err}") from None
+    for section in SECTIONS:
+        if section in tree and not isinstance(tree[section], dict):
+            raise ConfigError(f"--config {path}", f"[{section}] must be a table (got "
+                                                  f"{section} = {tree[section]!r})")
+    folder = os.path.dirname(path)
+    for section, name in TOML_PATHS:
+        where = tree.get(section, {}) if section else tree
+        value = where.get(name)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            where[name] = os.path.join(folder, value)
+    return tree

@@ -125,6 +125,37 @@ class RunRecord:
     timeline_mb: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """Where a run diverged: what was bad, at which global update index, stage, microbatch."""
+
+    what: str            # "loss", "gradient norm" or "objective"
+    update: int          # block updates completed before it (the ledger's K; -1: not known
+                         # yet where it was detected, filled in by the engine)
+    stage: int
+    microbatch: int
+    value: float
+
+    def describe(self, lr: float) -> str:
+        where = f"microbatch {self.microbatch} on stage {self.stage}" if self.stage >= 0 \
+            else "the full objective"
+        return (f"diverged at update {self.update}: {self.what} of {where} is {self.value:.6g}"
+                f"; --lr {lr:g} is probably too large")
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "Divergence":
+        """Read back what `to_attrs` wrote into a ledger's attributes."""
+        return cls(str(attrs.get("diverged_what")), int(attrs.get("diverged_update", -1)),
+                   int(attrs.get("diverged_stage", -1)),
+                   int(attrs.get("diverged_microbatch", -1)),
+                   float(attrs.get("diverged_value", "nan")))
+
+    def to_attrs(self) -> dict[str, object]:
+        return {"diverged_what": self.what, "diverged_update": self.update,
+                "diverged_stage": self.stage, "diverged_microbatch": self.microbatch,
+                "diverged_value": str(self.value)}
+
+
 @dataclass
 class Trace:
     """What an engine produced: updates in global order, objective, final weights, events."""
@@ -133,3 +164,4 @@ class Trace:
     objective: Objective
     final_weights: np.ndarray      # the full vector (LocalSGD: averaged over copies)
     events: np.ndarray
+    divergence: Divergence | None = None    # set when the run stopped as diverged

@@ -139,5 +139,6 @@ def test_h5_data_file_with_f_star(tmp_path) -> None:
     assert read_run(out).attrs["dim"] == 5
     with h5py.File(tmp_path / "bad.h5", "w") as f:
         f["X"] = X
-    res = rpd_mpi("simulate", *SMALL, "--data", str(tmp_path / "bad.h5"), "--out", str(out))
+    res = rpd_mpi("simulate", *SMALL, "--data", str(tmp_path / "bad.h5"), "--out",
+                  str(tmp_path / "r2.h5"))             # a new --out: r.h5 exists (issue 10)
     assert res.returncode == 2 and "--data" in res.stderr and "'y'" in res.stderr

@@ -1,10 +1,12 @@
 """The GPU path (`--device cuda`: backend, comm_gpu links, runtime) against a MOCK cupy.
 
-No GPU exists on the machines where these tests run, so `cupy` here is the numpy-backed mock
-of tests/fakecupy/cupy (injected through `sys.modules`, or first on PYTHONPATH for mpiexec
-jobs). These tests check what can be checked without a GPU: device selection by local rank,
-the error without cupy or without a GPU, the configuration flags, the order of copies,
-synchronisations and MPI messages of each transport on 2 real MPI ranks, `rpd-mpi train
+No GPU exists on the machines where these tests run, so `cupy` here is the strict
+numpy-backed mock of tests/fakecupy/cupy (first on `sys.path` for in-process tests, first on
+PYTHONPATH for mpiexec jobs); it is a mock only because these machines cannot have a GPU.
+These tests check what can be checked without one: device selection by local rank, the
+error without cupy or without a GPU, the configuration flags, the order of copies,
+synchronisations and MPI messages of each transport on 2 real MPI ranks, that the mock
+catches each deliberately wrong link of tests/fakecupy/wrong_links.py, `rpd-mpi train
 --device cuda` on 3 real ranks equal to the CPU simulator, that the CPU path never imports
 cupy, that the package works without numba, and that benchmarks/gpu_check.py runs
 (`--dry-run`). What they cannot show (CUDA streams running concurrently, IPC between real
@@ -13,6 +15,7 @@ device memories, bandwidths) is left to `bash jobs/gpu-check.sh` on a GPU (docs/
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -20,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -36,18 +40,27 @@ TINY = ["--objective", "charlm", "--stages", "3", "--width", "16", "--heads", "2
         "--context", "8", "--batch-size", "3", "--lr", "0.1", "--seed", "2"]
 
 
-def load_mock() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cupy", FAKE / "cupy" / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _drop_cupy() -> None:
+    for name in [m for m in sys.modules if m == "cupy" or m.startswith("cupy.")]:
+        del sys.modules[name]
 
 
 @pytest.fixture
-def fake_cupy(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The mock as `cupy` for this test only (sys.modules is restored afterwards)."""
-    mod = load_mock()
-    monkeypatch.setitem(sys.modules, "cupy", mod)
+def fake_cupy(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """A fresh mock as `cupy` for this test only (no GPU here: see the module doc)."""
+    _drop_cupy()
+    monkeypatch.syspath_prepend(str(FAKE))
+    mod = importlib.import_module("cupy")
+    assert mod.MOCK
+    yield mod
+    _drop_cupy()
+
+
+def load_wrong_links() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("wrong_links", FAKE / "wrong_links.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     return mod
 
 
@@ -84,9 +97,12 @@ def test_backend_copies(fake_cupy: ModuleType) -> None:
     be = select("cuda", 0)
     a = np.arange(6.0)
     dev = be.to_device(a)
-    assert isinstance(dev, fake_cupy.ndarray) and not np.shares_memory(dev, a)
+    assert isinstance(dev, fake_cupy.ndarray) and dev.data.ptr != a.ctypes.data
+    a[:] = -1                                   # pageable: the copy took the values at once
     host = be.to_host(dev * 2)
-    assert type(host) is np.ndarray and np.array_equal(host, 2 * a)
+    assert type(host) is np.ndarray and np.array_equal(host, 2 * np.arange(6.0))
+    be.synchronize()
+    assert ("device_sync", 0) in fake_cupy.calls
     assert CPU.to_device(a) is a and CPU.to_host(a) is a       # the CPU path copies nothing
     assert CPU.xp is np and select("cpu", 3) is CPU
 
@@ -144,7 +160,8 @@ def test_train_refuses_what_cuda_does_not_run(method: str, objective: str, messa
                                               ) -> None:
     from rpd_mpi.config import ObjectiveConfig, ScheduleConfig
     cfg = RunConfig(schedule=ScheduleConfig(method=method, stages=3),
-                    objective=ObjectiveConfig(name=objective, dim=8),
+                    objective=ObjectiveConfig(name=objective, **(
+                        {} if objective == "charlm" else {"dim": 8})),
                     runtime=RuntimeConfig(device="cuda"))
     with pytest.raises(ConfigError, match=message):
         check_world(cfg, 3)
@@ -156,12 +173,15 @@ def test_train_refuses_what_cuda_does_not_run(method: str, objective: str, messa
 
 # ----- links and runs on real MPI ranks, mock GPU ----------------------------------------------
 
-def test_transports_move_bytes_in_the_promised_order() -> None:
-    """tests/fakecupy/links_check.py on 2 ranks: staged = D2H into a pinned slot, stream
-    sync, Isend of that slot / receive into pinned, H2D, compute waits; direct = sync, Isend
-    of the device slot; ipc = handles once, D2D into the peer's ring, event sync, ready
-    message, credits (a burst of 7 sends into 4 slots never overwrites an untaken one); tags checked."""
-    res = mpirun(2, [str(FAKE / "links_check.py")], mock_env())
+@pytest.mark.timeout(150)
+def test_transports_move_bytes_in_the_promised_order(tmp_path: Path) -> None:
+    """tests/fakecupy/links_check.py on 2 ranks: staged = non-blocking D2H into a pinned
+    slot, its event synchronized, Isend of that slot / receive into pinned, H2D, compute
+    waits; direct (the mock's CUDA-aware MPI) = sync, Isend of the device slot; ipc =
+    handles once, D2D into the peer's ring, event sync, ready message, credits (a burst of 7
+    sends into 4 slots never overwrites an untaken one); tags checked. The strict mock
+    raises on any unordered access, so passing also means the real links keep its rules."""
+    res = mpirun(2, [str(FAKE / "links_check.py")], mock_env(FAKECUPY_DIR=str(tmp_path)))
     assert res.returncode == 0, res.stderr[-3000:]
     reports = [r for ln in res.stdout.splitlines() if ln.startswith("[")
                for r in json.loads(ln)]
@@ -172,6 +192,25 @@ def test_transports_move_bytes_in_the_promised_order() -> None:
         assert c["staged"] == {"isend": 7, "h2d": 7} and c["ipc"] == {"ready": 7, "d2d": 7}
 
 
+WRONG = load_wrong_links().VARIANTS
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("variant", sorted(WRONG))
+def test_the_mock_catches_a_wrong_link(variant: str, tmp_path: Path) -> None:
+    """Each class of tests/fakecupy/wrong_links.py is a real link with one rule broken (a
+    missing event synchronization or wait, a pinned slot reused early, a device array
+    handed to a plain MPI, no IPC credit, no device id): on 2 ranks the mock must fail it
+    with the expected message, where the real link passed the same exchange above."""
+    # the ranks abort, so their IPC files stay behind: in tmp_path
+    res = mpirun(2, [str(FAKE / "links_check.py"), "--variant", variant],
+                 mock_env(FAKECUPY_DIR=str(tmp_path)), limit=60)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "VARIANT NOT CAUGHT" not in out, out[-3000:]
+    assert "CAUGHT" in out and WRONG[variant][3] in out, out[-3000:]
+
+
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("transport, extra", [
     ("staged", ["--method", "pd", "--microbatches", "7"]),
     ("ipc", ["--method", "pd", "--microbatches", "7"]),
@@ -185,7 +224,8 @@ def test_train_on_mock_gpu_equals_the_simulator(tmp_path: Path, transport: str,
     from rpd_mpi.build import simulate_run
     out = tmp_path / "gpu.h5"
     res = mpirun(3, ["-m", "mpi4py", "-m", "rpd_mpi", "train", "--device", "cuda",
-                     "--transport", transport, *TINY, *extra, "--out", str(out)], mock_env())
+                     "--transport", transport, *TINY, *extra, "--out", str(out)],
+                 mock_env(FAKECUPY_DIR=str(tmp_path)))
     assert res.returncode == 0, res.stderr[-3000:]
     run = read_run(out)
     assert run.config["runtime"]["device"] == "cuda"
@@ -204,6 +244,7 @@ def test_train_on_mock_gpu_equals_the_simulator(tmp_path: Path, transport: str,
                                rtol=1e-10)
 
 
+@pytest.mark.timeout(150)
 def test_direct_needs_a_cuda_aware_mpi(tmp_path: Path) -> None:
     """The venv's MPICH says it is not CUDA-aware: --transport direct is refused, once."""
     res = mpirun(3, ["-m", "rpd_mpi", "train", "--device", "cuda", "--transport", "direct",
@@ -216,6 +257,7 @@ def test_direct_needs_a_cuda_aware_mpi(tmp_path: Path) -> None:
         in lines[0], res.stderr
 
 
+@pytest.mark.timeout(150)
 def test_no_gpu_is_one_clear_line(tmp_path: Path) -> None:
     res = mpirun(3, ["-m", "rpd_mpi", "train", "--device", "cuda", *TINY, "--out",
                      str(tmp_path / "n.h5")], mock_env(FAKECUPY_GPUS="0"))
@@ -284,6 +326,7 @@ print(repr(m.full_objective(m.init_weights())))
     assert values[0] == pytest.approx(values[1], rel=1e-12)
 
 
+@pytest.mark.timeout(400)
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
     """benchmarks/gpu_check.py end to end on the mock: every section runs and reports."""
     out = tmp_path / "gpu-check.md"
@@ -305,17 +348,36 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
 
 
 def test_gpu_check_wrapper_writes_under_out(tmp_path: Path) -> None:
+    """jobs/gpu-check.sh with a stub python: where the report goes, and in wheel mode the
+    offline install into the prefix and the variables that point mpi4py at it (the real
+    run is tests/test_gpu_check_dryrun.py)."""
     text = (ROOT / "jobs" / "gpu-check.sh").read_text()
     assert os.access(ROOT / "jobs" / "gpu-check.sh", os.X_OK)
     assert "benchmarks/gpu_check.py" in text and "$OUT/gpu-check.md" in text
+    assert "jobs/wheels/" in (ROOT / ".gitignore").read_text().split()
     stub = tmp_path / "python3"
-    stub.write_text('#!/bin/sh\necho "args: $*"\n')
+    stub.write_text('#!/bin/sh\necho "args: $*"\necho "env: $MPI4PY_LIBMPI $MPIEXEC"\n')
     stub.chmod(0o755)
+    empty, wheels = tmp_path / "none", tmp_path / "wheels"
+    empty.mkdir()
+    wheels.mkdir()
+    (wheels / "mpich-9.9-py3-none-any.whl").write_text("")
+    base = {k: v for k, v in os.environ.items() if k not in ("OUT", "MPIEXEC")}
     for out, want in ((str(tmp_path), f"--out {tmp_path}/gpu-check.md"),
                       ("", "--out docs/gpu-check.md")):
-        env = {**os.environ, "PYTHON": str(stub), "OUT": out}
-        if not out:
-            env.pop("OUT")
+        env = {**base, "PYTHON": str(stub), "GPU_WHEELS": str(empty),
+               **({"OUT": out} if out else {})}
         res = subprocess.run(["bash", str(ROOT / "jobs" / "gpu-check.sh")], capture_output=True,
-                             text=True, env=env)
+                             text=True, env=env, timeout=60)
         assert res.returncode == 0 and want in res.stdout, res.stdout + res.stderr
+        assert "using this machine's MPI" in res.stdout
+    prefix = tmp_path / "prefix"
+    env = {**base, "PYTHON": str(stub), "GPU_WHEELS": str(wheels), "GPU_PREFIX": str(prefix)}
+    res = subprocess.run(["bash", str(ROOT / "jobs" / "gpu-check.sh"), "--dry-run"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    install = next(ln for ln in res.stdout.splitlines() if "pip install" in ln)
+    for flag in ("--no-index", f"--find-links {wheels}", f"--prefix {prefix}", "mpich-9.9"):
+        assert flag in install, install
+    assert f"env: {prefix}/lib/libmpi.so.12 {prefix}/bin/mpiexec" in res.stdout, res.stdout
+    assert res.stdout.rstrip().splitlines()[-2].endswith("--dry-run"), res.stdout

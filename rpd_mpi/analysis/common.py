@@ -1,7 +1,11 @@
-"""Helpers shared by the tools: one-line errors, the Agg pyplot, Markdown tables, objective
-gaps and labels of ledgers, a process-parallel map, and the run flags of `rpd-mpi simulate`.
+"""Helpers shared by the tools: one-line errors, checked flag types and output paths, the Agg
+pyplot, Markdown tables, objective gaps and labels of ledgers, a process-parallel map, and the
+run flags of `rpd-mpi simulate`.
 
-Nothing here prints; the tools' `main` functions do.
+Output paths are checked before a tool computes anything: an output file's folder must exist
+(nothing creates it) and a file must not be a folder; an output folder given with `--out DIR`
+is created if missing, but its parent must exist (a default folder such as results/E1 is
+created with its parents). Nothing here prints; the tools' `main` functions do.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -18,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn, Sequence, T
 import numpy as np
 
 from rpd_mpi.config import ConfigError, RunConfig
-from rpd_mpi.flags import FLAGS, config_from
+from rpd_mpi.flags import FLAGS
+from rpd_mpi.flags import add_run_flags as add_flags
+from rpd_mpi.flags import config_from
 from rpd_mpi.ledger.run_file import LedgerError
 from rpd_mpi.records import RunRecord
 
@@ -39,16 +46,76 @@ def guarded(body: Callable[[], int]) -> int:
     try:
         return body()
     except (ToolError, ConfigError, LedgerError) as err:
-        print(f"rpd-mpi: error: {err}", file=sys.stderr)
+        print(f"rpd-mpi: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line and exit code 2."""
+    """argparse whose usage errors are one line and exit code 2; no abbreviated flags."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        print(f"rpd-mpi: error: {self.prog}: {message}", file=sys.stderr)
+        print(f"rpd-mpi: error: {self.prog}: {' '.join(message.split())}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low} (got {text!r})")
+        return value
+    return convert
+
+
+def finite_at_least(low: float) -> Callable[[str], float]:
+    """An argparse type: a finite number >= low."""
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g} "
+                                             f"(got {text!r})")
+        return value
+    return convert
+
+
+def check_out_file(path: Path, suffix: str = ".png", flag: str = "--out") -> Path:
+    """An output file to write later: its folder exists and is writable, it is not a folder
+    and it ends in `suffix`. Checked before any work; nothing is created."""
+    folder = path.parent
+    if path.is_dir():
+        raise ToolError(f"{flag}: {path} is a folder; give a file name ending in {suffix}")
+    if suffix and path.suffix.lower() != suffix:
+        raise ToolError(f"{flag}: must be a file name ending in {suffix} (got {path})")
+    if not folder.is_dir():
+        raise ToolError(f"{flag}: folder {folder} does not exist; create it first (got {path})")
+    if not os.access(folder, os.W_OK):
+        raise ToolError(f"{flag}: folder {folder} is not writable (got {path})")
+    return path
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> Path:
+    """An output folder: it exists, or its parent does (the tool creates it, not its
+    parents). Checked before any work; nothing is created."""
+    if path.exists() and not path.is_dir():
+        raise ToolError(f"{flag}: {path} exists and is not a folder")
+    parent = path if path.is_dir() else path.parent
+    if not parent.is_dir():
+        raise ToolError(f"{flag}: folder {parent} does not exist; {flag} DIR may be new, but "
+                        f"its parent folder must exist (got {path})")
+    if not os.access(parent, os.W_OK):
+        raise ToolError(f"{flag}: folder {parent} is not writable (got {path})")
+    return path
 
 
 def pyplot() -> ModuleType:
@@ -145,10 +212,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]
 
 def add_run_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     """The flags of `rpd-mpi simulate` (docs/DESIGN.md 6), except those in `skip`."""
-    parser.add_argument("--config", help="TOML file with [schedule], [objective], ...")
-    for flag, (_, _, kind, text) in FLAGS.items():
-        if flag not in skip:
-            parser.add_argument(flag, type=kind, default=None, help=text)
+    add_flags(parser, {k: v for k, v in FLAGS.items() if k not in skip})
 
 
 def config_from_args(args: argparse.Namespace, skip: Sequence[str] = ()) -> RunConfig:

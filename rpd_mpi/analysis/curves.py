@@ -7,6 +7,8 @@ the start). A simulator ledger has no wall clock and an MPI ledger no slots: ask
 is an error, not a silent substitute. Non-positive gaps are drawn at the floor 1e-16.
 
     rpd-mpi tool curves a.h5 b.h5 [--x slots|updates|wall] [--labels A,B] --out curves.png
+
+The folder of `--out` must exist (it is not created).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from rpd_mpi.analysis.common import (Parser, ToolError, describe, fmt, gaps, guarded,
-                                     markdown_table, pyplot, save_png)
+from rpd_mpi.analysis.common import (Parser, ToolError, check_out_file, describe, fmt, gaps,
+                                     guarded, markdown_table, pyplot, save_png)
 from rpd_mpi.ledger.run_file import read_run
 from rpd_mpi.records import RunRecord
 
@@ -85,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--x", choices=tuple(X_AXES), default="slots")
     p.add_argument("--labels", default="", help="comma-separated legend labels")
     p.add_argument("--title", default="")
-    p.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write")
+    p.add_argument("--out", type=Path, default=Path("curves.png"),
+                   help="PNG to write (its folder must exist)")
     args = p.parse_args(argv)
 
     def body() -> int:
+        check_out_file(args.out)
         labels = args.labels.split(",") if args.labels else [""] * len(args.ledgers)
         if len(labels) != len(args.ledgers):
             raise ToolError(f"--labels: {len(labels)} labels for {len(args.ledgers)} ledgers")

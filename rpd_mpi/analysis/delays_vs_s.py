@@ -7,19 +7,22 @@ the even S (the paper's closed form S^2 - S/2 is exact for even S). Outputs: a M
 (stdout and `--out`/delays_vs_s.md), JSON and a log-log PNG.
 
     rpd-mpi tool delays_vs_s [--stages 2,4,8] [--out results/E1] [--jobs 2]
+
+`--out DIR` is created if missing; its parent folder must exist.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from rpd_mpi.analysis.common import (Parser, ToolError, guarded, markdown_table, parallel_map,
-                                     pyplot, save_png, write_text)
+from rpd_mpi import jsonout
+from rpd_mpi.analysis.common import (Parser, ToolError, check_out_dir, guarded, int_at_least,
+                                     markdown_table, parallel_map, pyplot, save_png, write_text)
+from rpd_mpi.budget import check_timeline
 from rpd_mpi.schedule.delays import delay_stats, pd_steady_max
 from rpd_mpi.schedule.generate import generate
 
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 ODD_STAGES = (3, 5, 7, 9, 15, 31, 63, 127)
 DEFAULT_STAGES = tuple(sorted(set(range(2, 129, 2)) | set(ODD_STAGES)))
 COLUMNS = ("steady_mean", "steady_p10", "steady_max", "startup_max")
+MAX_VALUES = 4096         # distinct S one call may ask for
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,10 @@ def parse_stages(text: str) -> list[int]:
             if "-" in part:
                 span, _, step = part.partition(":")
                 lo, hi = (int(x) for x in span.split("-"))
-                out.update(range(lo, hi + 1, int(step or 1)))
+                values = range(lo, hi + 1, int(step or 1))
+                if len(values) > MAX_VALUES:
+                    raise ToolError(f"--stages: at most {MAX_VALUES} values (got {text!r})")
+                out.update(values)
             elif part:
                 out.add(int(part))
         except ValueError:
@@ -168,7 +175,7 @@ def run(stages: Sequence[int], out: Path | None, per_stage: int = 10, jobs: int 
                             for r in rows],
                    "fits": {k: {"a": f.a, "b": f.b, "c": f.c, "stages": list(f.stages)}
                             for k, f in fitted.items()}}
-        write_text(out / "delays_vs_s.json", json.dumps(payload, indent=1))
+        write_text(out / "delays_vs_s.json", jsonout.dumps(payload, indent=1))
         plot(rows, fitted, out / "delays_vs_s.png")
     return rows, fitted, text
 
@@ -178,13 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=None,
                    help="S values: '2,4,8', '2-128:2' (default: every even S <= 128 and "
                         f"{', '.join(map(str, ODD_STAGES))})")
-    p.add_argument("--per-stage", type=int, default=10, help="microbatches per stage (N/S)")
-    p.add_argument("--out", type=Path, default=None, help="folder for .md/.json/.png")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--per-stage", type=int_at_least(1), default=10,
+                   help="microbatches per stage (N/S)")
+    p.add_argument("--out", type=Path, default=None, help="folder for .md/.json/.png (created "
+                   "if missing; its parent must exist)")
+    p.add_argument("--jobs", type=int_at_least(1), default=1, help="worker processes")
     args = p.parse_args(argv)
 
     def body() -> int:
         stages = parse_stages(args.stages) if args.stages else list(DEFAULT_STAGES)
+        S = max(stages)
+        flag, value = ("--per-stage", args.per_stage) if args.per_stage > S else ("--stages", S)
+        check_timeline(flag, value, "pd", S, args.per_stage * S)
+        if args.out is not None:
+            check_out_dir(args.out)
         _, _, text = run(stages, args.out, args.per_stage, args.jobs)
         print(text)
         return 0

@@ -8,6 +8,8 @@ the measured delays, utilization and objective), a curves-vs-wall-time PNG and t
 
     rpd-mpi tool mpi_compare [--stages 4] [--microbatches 150] [--op-cost 0.002]
                              [--dim 512] [--examples 600] --out DIR
+
+`--out DIR` is created if missing; its parent folder must exist.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rpd_mpi.analysis.common import (Parser, ToolError, fmt, guarded, lr_text, markdown_table,
-                                     write_text)
+from rpd_mpi.analysis.common import (Parser, ToolError, check_out_dir, finite_at_least, fmt,
+                                     guarded, int_at_least, lr_text, markdown_table, write_text)
 from rpd_mpi.analysis.curves import Curve, curve, plot_curves
 from rpd_mpi.analysis.sweep import power_grid, sweep
-from rpd_mpi.config import ObjectiveConfig, RunConfig
+from rpd_mpi.config import ObjectiveConfig, RunConfig, RuntimeConfig
 from rpd_mpi.experiments.presets import make_cfg
 from rpd_mpi.ledger.report import summarize
 from rpd_mpi.ledger.run_file import read_run
@@ -58,7 +60,8 @@ def _train(cfg: RunConfig, out: Path, name: str, order: str, op_cost: float) -> 
             str(sch.local_steps), "--objective", obj.name, "--dim", str(obj.dim),
             "--examples", str(obj.examples), "--batch-size", str(obj.batch_size),
             "--lr", repr(cfg.lr), "--eval-every", str(cfg.eval_every), "--order", order,
-            "--op-cost", str(op_cost), "--wait", "polite", "--out", str(path)]
+            "--op-cost", str(op_cost), "--wait", "polite", "--out", str(path),
+            "--force"]                # the tool owns the ledgers in its --out folder
     if order == "dynamic":      # a dynamic run has no slot budget: the same microbatches
         args[args.index("--budget-slots"):args.index("--budget-slots") + 2] = \
             ["--microbatches", str(sch.microbatches if not sch.budget_slots else
@@ -105,15 +108,22 @@ def run(S: int, N: int, op_cost: float, out: Path, dim: int = 512, examples: int
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="rpd-mpi tool mpi_compare", description=__doc__.splitlines()[0])
-    p.add_argument("--stages", type=int, default=4)
-    p.add_argument("--microbatches", type=int, default=150)
-    p.add_argument("--op-cost", type=float, default=0.002)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--examples", type=int, default=600)
-    p.add_argument("--out", type=Path, default=Path("results/mpi_compare"))
+    p.add_argument("--stages", type=int_at_least(1), default=4)
+    p.add_argument("--microbatches", type=int_at_least(1), default=150)
+    p.add_argument("--op-cost", type=finite_at_least(0.0), default=0.002)
+    p.add_argument("--dim", type=int_at_least(1), default=512)
+    p.add_argument("--examples", type=int_at_least(1), default=600)
+    p.add_argument("--out", type=Path, default=None, help="folder (default "
+                   "results/mpi_compare; a given DIR is created if missing, its parent must "
+                   "exist)")
     args = p.parse_args(argv)
 
     def body() -> int:
+        _runs(args.stages, args.microbatches, args.dim, args.examples)   # ConfigError first
+        RuntimeConfig(op_cost=args.op_cost)
+        if args.out is not None:
+            check_out_dir(args.out)
+        args.out = args.out or Path("results/mpi_compare")
         table, png = run(args.stages, args.microbatches, args.op_cost, args.out, args.dim,
                          args.examples)
         print(table)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
+import re
 import shlex
 import time
 import warnings
@@ -33,9 +33,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rpd_mpi.analysis.common import (Parser, ToolError, add_run_flags, config_from_args, fmt, gaps,
-                                     guarded, lr_exponent, lr_text, markdown_table, parallel_map,
-                                     write_text)
+from rpd_mpi import jsonout
+from rpd_mpi.analysis.common import (Parser, ToolError, add_run_flags, check_out_dir,
+                                     config_from_args, fmt, gaps, guarded, int_at_least,
+                                     lr_exponent, lr_text, markdown_table, parallel_map, write_text)
 from rpd_mpi.build import simulate_run
 from rpd_mpi.config import RunConfig
 from rpd_mpi.ledger.run_file import read_run, write_run
@@ -43,6 +44,10 @@ from rpd_mpi.records import RunRecord
 
 TAIL = 0.10          # share of the objective points the score averages
 BLOWUP = 10.0        # final > BLOWUP * initial counts as diverged
+EXPONENTS = (-1074, 1023)   # 2^e is a finite float64 > 0
+MAX_GRID = 64        # step sizes one sweep may run
+DEFAULT_OUT = "results/sweep"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]*")
 
 
 @dataclass(frozen=True)
@@ -88,14 +93,22 @@ def score_record(record: RunRecord) -> tuple[float, float, float, bool]:
     tail = max(1, math.ceil(TAIL * g.size))
     score = float(np.mean(g[-tail:]))
     initial, final = float(g[0]), float(g[-1])
-    diverged = (not np.all(np.isfinite(g))) or final > BLOWUP * abs(initial)
+    diverged = (not np.all(np.isfinite(g))) or final > BLOWUP * abs(initial) \
+        or record.attrs.get("status") == "diverged"
     return initial, final, score, bool(diverged or not math.isfinite(score))
 
 
 def power_grid(lo: int, hi: int) -> list[float]:
     """[2^lo, 2^(lo+1), ..., 2^hi]."""
+    for flag, e in (("--lr-lo", lo), ("--lr-hi", hi)):
+        if not EXPONENTS[0] <= e <= EXPONENTS[1]:
+            raise ToolError(f"{flag}: must be in {EXPONENTS[0]}..{EXPONENTS[1]} (2^e a finite "
+                            f"step size > 0) (got {e})")
     if hi < lo:
         raise ToolError(f"--lr-hi ({hi}) must be >= --lr-lo ({lo})")
+    if hi - lo + 1 > MAX_GRID:
+        raise ToolError(f"--lr-hi: at most {MAX_GRID} step sizes per sweep (got --lr-lo {lo} "
+                        f"--lr-hi {hi})")
     return [2.0 ** e for e in range(lo, hi + 1)]
 
 
@@ -250,11 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     add_run_flags(p, skip=("--out", "--lr"))
     p.add_argument("--lr-lo", type=int, default=-12, help="smallest lr = 2^LO")
     p.add_argument("--lr-hi", type=int, default=-3, help="largest lr = 2^HI")
-    p.add_argument("--jobs", type=int, default=2, help="worker processes")
-    p.add_argument("--out", default="results/sweep", help="folder for ledgers and summary")
+    p.add_argument("--jobs", type=int_at_least(1), default=2, help="worker processes")
+    p.add_argument("--out", default=None, help=f"folder for ledgers and summary (default "
+                   f"{DEFAULT_OUT}; a given DIR is created if missing, its parent must exist)")
     p.add_argument("--name", default="", help="ledger stem (default: the method)")
     p.add_argument("--keep-all", action="store_true", help="keep every ledger")
-    p.add_argument("--index", type=int, default=None, help="run only grid point INDEX")
+    p.add_argument("--index", type=int_at_least(0), default=None,
+                   help="run only grid point INDEX")
     p.add_argument("--collect", action="store_true", help="score ledgers already written")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = p.parse_args(argv)
@@ -263,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = config_from_args(args, skip=("--out", "--lr"))
-    lrs, out = power_grid(args.lr_lo, args.lr_hi), Path(args.out)
+    lrs, out = power_grid(args.lr_lo, args.lr_hi), Path(args.out or DEFAULT_OUT)
+    if args.out:
+        check_out_dir(out)
+    if args.name and not _NAME.fullmatch(args.name):
+        raise ToolError(f"--name: a file stem of letters, digits and _.=- (got {args.name!r})")
     name = args.name or cfg.schedule.method
     if args.index is not None:
         if not 0 <= args.index < len(lrs):
@@ -271,21 +290,21 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
         lr = lrs[args.index]
         point = run_point(dataclasses.replace(cfg, lr=lr, out=str(out / ledger_name(name, lr))))
-        print(json.dumps(dataclasses.asdict(point)))
+        print(jsonout.dumps(dataclasses.asdict(point)))
         return 0
     if args.collect:
         result = collect(lrs, out, name)
     else:
         result = sweep(cfg, lrs, args.jobs, out, name, args.keep_all)
-    slurm = slurm_lines(_pass_through(argv), args.lr_lo, args.lr_hi, args.out)
+    slurm = slurm_lines(_pass_through(argv), args.lr_lo, args.lr_hi, str(out))
     write_summary(result, out, slurm)
-    print(json.dumps(result.to_dict()) if args.json else summary_markdown(result) + "\n\n" + slurm)
+    print(jsonout.dumps(result.to_dict()) if args.json else summary_markdown(result) + "\n\n" + slurm)
     return 0
 
 
 def write_summary(result: SweepResult, out: str | Path, extra: str = "") -> Path:
     """<out>/<name>_sweep.md (table, pick, `extra`) and <out>/<name>_sweep.json."""
     out = Path(out)
-    write_text(out / f"{result.name}_sweep.json", json.dumps(result.to_dict(), indent=1))
+    write_text(out / f"{result.name}_sweep.json", jsonout.dumps(result.to_dict(), indent=1))
     text = summary_markdown(result) + (f"\n\n{extra}" if extra else "")
     return write_text(out / f"{result.name}_sweep.md", text)

@@ -13,22 +13,24 @@ objective (every `--every` block updates). The check that the re-run reproduces 
 blocks is reported. The average over k < K weights each sample by the updates until the next.
 
     rpd-mpi tool theory rpd.h5 [--every 1] [--out theory.png] [--json]
+
+The folder of `--out` must exist (it is not created).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
-from rpd_mpi.analysis.common import (Parser, ToolError, fmt, guarded, markdown_table, pyplot,
-                                     save_png)
+from rpd_mpi import jsonout
+from rpd_mpi.analysis.common import (Parser, ToolError, check_out_file, fmt, guarded, int_at_least,
+                                     markdown_table, pyplot, save_png)
 from rpd_mpi.build import build, simulate_run
-from rpd_mpi.config import RunConfig
+from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.ledger.run_file import read_run
 from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.records import RunRecord
@@ -101,7 +103,10 @@ def constants_of(record: RunRecord) -> Constants:
 def rerun_gradients(record: RunRecord, every: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """(k, ‖∇f(w_k)‖²) along a re-run of the ledger's configuration, and whether the re-run
     reproduced the ledger's final blocks exactly."""
-    cfg = dataclasses.replace(RunConfig.from_dict(record.config), eval_every=every)
+    try:
+        cfg = dataclasses.replace(RunConfig.from_dict(record.config), eval_every=every)
+    except ConfigError as err:
+        raise ToolError(f"the ledger's config cannot be run again: {err}") from None
     probe = GradientProbe(build(cfg))
     again = simulate_run(cfg, probe)
     k = np.asarray(again.objective.k)
@@ -180,18 +185,23 @@ def to_json(res: Check) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="theory", description=__doc__.splitlines()[0])
     p.add_argument("ledger", help="run.h5 (RPD; PD works too, with δ = its largest delay)")
-    p.add_argument("--every", type=int, default=1, help="gradient cadence in block updates (--eval-every of the re-run)")
-    p.add_argument("--out", type=Path, default=Path("theory.png"), help="PNG to write")
+    p.add_argument("--every", type=int_at_least(1), default=1,
+                   help="gradient cadence in block updates (--eval-every of the re-run)")
+    p.add_argument("--out", type=Path, default=Path("theory.png"),
+                   help="PNG to write (its folder must exist)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
     def body() -> int:
-        if args.every < 1:
-            raise ToolError(f"--every must be >= 1 (got {args.every})")
-        res = check(read_run(args.ledger), args.every)
+        check_out_file(args.out)
+        record = read_run(args.ledger)
+        try:
+            res = check(record, args.every)
+        except (ToolError, ConfigError) as err:
+            raise ToolError(f"{args.ledger}: {err}") from None
         plot(res, args.out, f"theory check: {args.ledger}")
         if args.json:
-            print(json.dumps(to_json(res)))
+            print(jsonout.dumps(to_json(res)))
         else:
             print(f"{describe_constants(res)}\n\n{table(res)}\n\nbound holds at every K: "
                   f"{'yes' if to_json(res)['holds'] else 'NO'}\nwrote {args.out}")

@@ -10,6 +10,9 @@ the run's span [first start, last end] in which it runs no forward or backward.
     rpd-mpi tool timeline run.h5 --out gantt.png [--window 0:80]
     rpd-mpi tool timeline --method localsgd --stages 4 --trajectories 4 --local-steps 2 \
         --microbatches 16 --out gantt.png
+
+With a ledger the schedule flags are errors (the ledger says what ran); the folder of `--out`
+must exist (it is not created).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from rpd_mpi.analysis.common import Parser, ToolError, guarded, markdown_table, pyplot, save_png
+from rpd_mpi.analysis.common import (Parser, ToolError, check_out_file, guarded, int_at_least,
+                                     markdown_table, pyplot, save_png)
+from rpd_mpi.budget import check_timeline
 from rpd_mpi.build import schedule_of
-from rpd_mpi.config import RunConfig
+from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.engines.sim import sim_events
 from rpd_mpi.ledger.run_file import read_run
 from rpd_mpi.records import AVG, BWD, FWD, RunRecord
@@ -34,6 +39,9 @@ if TYPE_CHECKING:
 
 OPS = {FWD: ("forward", "#4C72B0"), BWD: ("backward", "#DD8452"), AVG: ("average", "#55A868")}
 MAX_LABELS = 600          # microbatch numbers are written into bars only below this count
+#: schedule flags (without a ledger) and their defaults
+SCHEDULE_FLAGS = {"method": "pd", "stages": 4, "microbatches": 8, "noam": 0, "trajectories": 1,
+                  "local_steps": 1, "flush": 0}
 
 
 def schedule_events(tl: Timeline) -> np.ndarray:
@@ -50,7 +58,10 @@ def ledger_events(record: RunRecord, name: str = "ledger") -> tuple[np.ndarray, 
     averages: list[float] = []
     no_avg_events = not np.any(events["op"] == AVG)
     if record.attrs.get("method") == "localsgd" and no_avg_events:
-        averages = [t + 1.0 for t in schedule_of(RunConfig.from_dict(record.config)).averages]
+        try:
+            averages = [t + 1.0 for t in schedule_of(RunConfig.from_dict(record.config)).averages]
+        except ConfigError as err:
+            raise ToolError(f"{name}: its config does not give a schedule: {err}") from None
     return events, averages
 
 
@@ -157,6 +168,13 @@ def parse_window(text: str | None) -> tuple[float, float] | None:
 
 
 def _from_flags(args: argparse.Namespace) -> tuple[np.ndarray, list[float], str]:
+    for name, default in SCHEDULE_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    flag, value = ("--microbatches", args.microbatches) if args.microbatches > args.stages \
+        else ("--stages", args.stages)
+    check_timeline(flag, value, args.method, args.stages, args.microbatches, args.noam,
+                   args.trajectories, args.local_steps, args.flush)
     try:
         tl = generate(args.method, args.stages, args.microbatches, noam=args.noam,
                       trajectories=args.trajectories, local_steps=args.local_steps,
@@ -172,18 +190,25 @@ def _from_flags(args: argparse.Namespace) -> tuple[np.ndarray, list[float], str]
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="timeline", description=__doc__.splitlines()[0])
     p.add_argument("ledger", nargs="?", help="run.h5 (omit to draw a schedule from flags)")
-    p.add_argument("--method", choices=("pd", "localsgd", "gpipe", "naive"), default="pd")
-    p.add_argument("--stages", type=int, default=4)
-    p.add_argument("--microbatches", type=int, default=8)
-    p.add_argument("--noam", type=int, default=0)
-    p.add_argument("--trajectories", type=int, default=1)
-    p.add_argument("--local-steps", type=int, default=1)
-    p.add_argument("--flush", type=int, default=0)
+    p.add_argument("--method", choices=("pd", "localsgd", "gpipe", "naive"), default=None,
+                   help="schedule to draw without a ledger (default pd)")
+    for flag, low in (("--stages", 1), ("--microbatches", 1), ("--noam", 0),
+                      ("--trajectories", 1), ("--local-steps", 1), ("--flush", 0)):
+        default = SCHEDULE_FLAGS[flag[2:].replace("-", "_")]
+        p.add_argument(flag, type=int_at_least(low), default=None,
+                       help=f"without a ledger (default {default})")
     p.add_argument("--window", default=None, help="START:END of the time axis to draw")
-    p.add_argument("--out", type=Path, default=Path("timeline.png"), help="PNG to write")
+    p.add_argument("--out", type=Path, default=Path("timeline.png"),
+                   help="PNG to write (its folder must exist)")
     args = p.parse_args(argv)
 
     def body() -> int:
+        check_out_file(args.out)
+        window = parse_window(args.window)
+        given = [n for n in SCHEDULE_FLAGS if getattr(args, n) is not None]
+        if args.ledger and given:
+            raise ToolError(f"--{given[0].replace('_', '-')}: draws a schedule from flags; "
+                            f"with a ledger ({args.ledger}) the ledger says what ran")
         if args.ledger:
             record = read_run(args.ledger)
             events, averages = ledger_events(record, args.ledger)
@@ -191,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             title = f"{args.ledger}: {record.attrs.get('method')} S={record.attrs.get('stages')}"
         else:
             (events, averages, title), unit = _from_flags(args), "slot"
-        plot_gantt(events, args.out, title=title, averages=averages,
-                   window=parse_window(args.window), unit=unit)
+        plot_gantt(events, args.out, title=title, averages=averages, window=window, unit=unit)
         print(bubble_markdown(bubble_table(events)))
         print(f"wrote {args.out}")
         return 0

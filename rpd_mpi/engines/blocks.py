@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from rpd_mpi.engines.health import Health
 from rpd_mpi.records import UpdateRow
 
 
@@ -95,8 +96,10 @@ class BlockState:
     """
 
     def __init__(self, stage: int, blocks: list[Any], lr: float, *, group: int = 0,
-                 flush: FlushBuffer | None = None, history: int | None = None) -> None:
+                 flush: FlushBuffer | None = None, history: int | None = None,
+                 health: Health | None = None) -> None:
         self.stage, self.group, self.lr = stage, group, lr
+        self.health = health or Health()
         self.blocks = blocks
         self.version = [0] * len(blocks)
         self.stash: dict[int, Stashed] = {}
@@ -124,10 +127,13 @@ class BlockState:
               end: float | Callable[[], float] = 0.0) -> UpdateRow | None:
         """B's gradient for `copy`: accumulate it (inside a flush) or apply the SGD step
         `block -= lr * g`; the update's row, or None when nothing was applied. `end` is the
-        completion time, or a clock read right after the step."""
+        completion time, or a clock read right after the step. A non-finite gradient raises
+        `health.Diverged` before anything changes."""
         g_w = self.flush.add(copy, microbatch, g_w)
         if g_w is None:
             return None
+        norm = math.sqrt(float(g_w @ g_w))
+        self.health.gradient(norm, self.stage, microbatch)     # raises Diverged: not applied
         step = self.lr * g_w
         self.blocks[copy] -= step
         self.last_step = step
@@ -137,4 +143,4 @@ class BlockState:
             self.history.push(np.asarray(self.blocks[copy]), microbatch)
         t_end = end() if callable(end) else end
         return UpdateRow(self.stage, self.group, trajectory, microbatch, batch, version, stale,
-                         loss, math.sqrt(float(g_w @ g_w)), start, t_end)
+                         loss, norm, start, t_end)

@@ -12,13 +12,14 @@ last delta + 1 versions of each block are kept (`blocks.BlockHistory`, inside ea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 
 from rpd_mpi.engines.blocks import BlockState
 from rpd_mpi.engines.cadence import due
+from rpd_mpi.engines.health import Diverged, Health
 from rpd_mpi.objectives.protocol import Model, Stage
 from rpd_mpi.records import Objective, Trace, UpdateRow, empty_events, row_array, to_updates
 
@@ -68,36 +69,51 @@ def _replayed(replay: np.ndarray | None, updates: int, stages: int) -> np.ndarra
 
 def simulate_rpd(model: Model, lr: float, plan: RPDPlan, *, delta: int,
                  clock: np.ndarray | None = None, eval_every: int = 1,
-                 progress: Callable[[int], None] | None = None) -> Trace:
+                 progress: Callable[[int], None] | None = None,
+                 diverge_factor: float = 0.0) -> Trace:
     """Run RPD for len(plan.stage) iterations. `clock[k]` is the time (slots) of update k
     (default: k + 1); the objective is recorded at the `--eval-every` cadence, checked when
-    the clock moves on. `progress(updates_done)` is called after every update when given."""
+    the clock moves on. `progress(updates_done)` is called after every update when given.
+    A bad value (see `simulate`) stops the run with the updates before it."""
     S, K = model.stages, plan.stage.size
     w = model.init_weights()
-    states = [BlockState(s, [w[sl]], lr, history=delta) for s, sl in enumerate(model.slices)]
+    health = Health(diverge_factor)
+    states = [BlockState(s, [w[sl]], lr, history=delta, health=health)
+              for s, sl in enumerate(model.slices)]
     mods = [model.make_stage(s) for s in range(S)]
     time = clock[:K].astype(float) if clock is not None else np.arange(1, K + 1, dtype=float)
     rows: list[UpdateRow] = []
     obj_t, obj_k, obj_v = [0.0], [0], [model.full_objective(w)]
     counted = 0                      # updates done when the objective was last checked
-    for k in range(K):
-        s_k, m_k = int(plan.stage[k]), int(plan.batch[k])
-        reads = [st.read_at(k - int(d)) for st, d in zip(states, plan.delays[k])]
-        loss, g_w = _block_gradient(mods, [r[0] for r in reads], s_k, m_k)
-        row = states[s_k].apply(0, g_w, microbatch=k, batch=m_k, version=reads[s_k][1],
-                                loss=loss, start=time[k] - 1.0, end=time[k])
-        assert row is not None                  # RPD has no flushes
-        rows.append(row)
-        if progress is not None:
-            progress(k + 1)
-        if k == K - 1 or time[k + 1] != time[k]:     # the clock moves on: check the cadence
-            if due(counted, k + 1, eval_every) or k == K - 1:
-                obj_t.append(time[k])
-                obj_k.append(k + 1)
-                obj_v.append(model.full_objective(w))
-            counted = k + 1
+    divergence = None
+    try:
+        for k in range(K):
+            s_k, m_k = int(plan.stage[k]), int(plan.batch[k])
+            reads = [st.read_at(k - int(d)) for st, d in zip(states, plan.delays[k])]
+            loss, g_w = _block_gradient(mods, [r[0] for r in reads], s_k, m_k)
+            health.loss(loss, S - 1, k)
+            row = states[s_k].apply(0, g_w, microbatch=k, batch=m_k, version=reads[s_k][1],
+                                    loss=loss, start=time[k] - 1.0, end=time[k])
+            assert row is not None                  # RPD has no flushes
+            rows.append(row)
+            if progress is not None:
+                progress(k + 1)
+            if k == K - 1 or time[k + 1] != time[k]:     # the clock moves on: the cadence
+                if due(counted, k + 1, eval_every) or k == K - 1:
+                    obj_t.append(time[k])
+                    obj_k.append(k + 1)
+                    obj_v.append(model.full_objective(w))
+                    health.objective(obj_v[-1], k + 1)
+                counted = k + 1
+    except Diverged as err:                 # stop: keep the updates before the bad value
+        divergence = replace(err.divergence, update=len(rows))
+        if obj_k[-1] != len(rows):
+            obj_t.append(time[len(rows) - 1] if rows else 0.0)
+            obj_k.append(len(rows))
+            obj_v.append(model.full_objective(w))
     objective = Objective(np.array(obj_t), np.array(obj_k, np.int64), np.array(obj_v))
-    return Trace(to_updates(row_array(rows), plan.delays), objective, w.copy(), empty_events())
+    return Trace(to_updates(row_array(rows), plan.delays), objective, w.copy(), empty_events(),
+                 divergence)
 
 
 def _block_gradient(mods: list[Stage], blocks: list[np.ndarray], s_k: int, batch: int

@@ -11,12 +11,14 @@ no h5py; the CLI hands the result to the ledger.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, cast
 
 import numpy as np
 
 from rpd_mpi.engines.blocks import BlockState, FlushBuffer, batch_of
 from rpd_mpi.engines.cadence import due
+from rpd_mpi.engines.health import Diverged, Health
 from rpd_mpi.objectives.protocol import Model, TrackedModel, Tracker
 from rpd_mpi.records import (BWD, FWD, Objective, Trace, UpdateRow, Updates, empty_events,
                              row_array, to_updates)
@@ -27,14 +29,16 @@ from rpd_mpi.schedule.timeline import Timeline
 class _Engine:
     """State of one simulation; `run` executes the timeline."""
 
-    def __init__(self, tl: Timeline, model: Model, lr: float, groups: int) -> None:
-        self.tl, self.model, self.G = tl, model, groups
+    def __init__(self, tl: Timeline, model: Model, lr: float, groups: int,
+                 health: Health) -> None:
+        self.tl, self.model, self.G, self.health = tl, model, groups, health
         self.S, self.R = tl.stages, tl.trajectories
         self.C = groups * self.R
         self.W = np.tile(model.init_weights(), (self.C, 1))
         # one BlockState per (group, stage), serving that group's R trajectories
         self.state = [[BlockState(s, [self.W[g * self.R + r, sl] for r in range(self.R)], lr,
-                                  group=g, flush=FlushBuffer(tl.flush, tl.microbatches))
+                                  group=g, flush=FlushBuffer(tl.flush, tl.microbatches),
+                                  health=health)
                        for s, sl in enumerate(model.slices)] for g in range(groups)]
         self.mods = [[model.make_stage(s, g) for s in range(self.S)] for g in range(groups)]
         self.tracker = _tracker(model, self.weights())
@@ -55,6 +59,7 @@ class _Engine:
         self.fversion[g, mb, s] = state.read(r, mb, cache)
         if s == self.S - 1:
             self.losses[(g, mb)] = mod.loss(a_out, batch)
+            self.health.loss(self.losses[(g, mb)][0], s, mb)
         else:
             self.acts[(g, mb, s)] = a_out
 
@@ -83,8 +88,9 @@ class _Engine:
         tl, averages = self.tl, set(self.tl.averages)
         ops = [[(int(k), s, int(m)) for s, (k, m) in enumerate(zip(tl.kind[t], tl.mb[t])) if k]
                for t in range(tl.slots)]
-        obj_t, obj_k, obj_v = [0], [0], [self.tracker.value()]
+        self.obj_t, self.obj_k, self.obj_v = [0.0], [0], [self.tracker.value()]
         for t, slot_ops in enumerate(ops):
+            self.slot = t
             before = len(self.rows)
             for g in range(self.G):
                 for op, s, mb in slot_ops:
@@ -94,10 +100,20 @@ class _Engine:
             if progress is not None:
                 progress(t + 1)
             if due(before, len(self.rows), eval_every) or t == tl.slots - 1:
-                obj_t.append(t + 1)
-                obj_k.append(len(self.rows))
-                obj_v.append(self.tracker.value())
-        return Objective(np.array(obj_t, float), np.array(obj_k, np.int64), np.array(obj_v))
+                self.record(t + 1)
+        return self.objective()
+
+    def record(self, t: float) -> None:
+        """The objective at time t (slots) after the updates so far; must be finite."""
+        value = self.tracker.value()
+        self.obj_t.append(t)
+        self.obj_k.append(len(self.rows))
+        self.obj_v.append(value)
+        self.health.objective(value, len(self.rows))
+
+    def objective(self) -> Objective:
+        return Objective(np.array(self.obj_t, float), np.array(self.obj_k, np.int64),
+                         np.array(self.obj_v))
 
 
 class _FullTracker:
@@ -121,11 +137,24 @@ def _tracker(model: Model, w: np.ndarray) -> Tracker:
 
 
 def simulate(tl: Timeline, model: Model, lr: float, *, groups: int = 1,
-             eval_every: int = 1, progress: Callable[[int], None] | None = None) -> Trace:
+             eval_every: int = 1, progress: Callable[[int], None] | None = None,
+             diverge_factor: float = 0.0) -> Trace:
     """Execute `tl` on `model` with step size `lr`; `groups` pipelines average together.
-    `progress(slots_done)` is called after every slot when given."""
-    eng = _Engine(tl, model, lr, groups)
-    objective = eng.run(eval_every, progress)
+    `progress(slots_done)` is called after every slot when given. A non-finite loss,
+    gradient or objective (or a loss over `diverge_factor` x the first) stops the run: the
+    trace then holds the updates before it and its `divergence`."""
+    eng = _Engine(tl, model, lr, groups, Health(diverge_factor))
+    try:
+        objective = eng.run(eval_every, progress)
+    except Diverged as err:                  # stop: keep what was done before the bad value
+        divergence = replace(err.divergence, update=len(eng.rows))
+        if eng.obj_k[-1] != len(eng.rows):
+            eng.obj_t.append(eng.slot + 1)
+            eng.obj_k.append(len(eng.rows))
+            eng.obj_v.append(eng.tracker.value())
+        done = tl.truncate(eng.slot)             # the events of the slots that completed
+        return Trace(_updates(eng.rows, tl, groups), eng.objective(), eng.weights().copy(),
+                     sim_events(done, groups, eng.fversion), divergence)
     updates = _updates(eng.rows, tl, groups)
     return Trace(updates, objective, eng.weights().copy(), sim_events(tl, groups, eng.fversion))
 

@@ -8,18 +8,19 @@ Markdown and the wall time. `--quick` runs reduced sizes and grids (for tests); 
 not comparable with the paper's. The settings of E2–E5 live in `rpd_mpi.experiments.presets`.
 
 E6 (character language model, rpd_mpi.experiments.e6) runs a reduced width on this CPU by default.
+A given `--out DIR` is created if missing, but its parent folder must exist.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from rpd_mpi.analysis.common import Parser, guarded, write_text
+from rpd_mpi import jsonout
+from rpd_mpi.analysis.common import Parser, check_out_dir, guarded, int_at_least, write_text
 from rpd_mpi.experiments import presets
 from rpd_mpi.experiments.e1 import run_e1
 from rpd_mpi.experiments.e6 import run_e6
@@ -43,7 +44,7 @@ def run_named(name: str, st: Settings) -> tuple[Outcome, float]:
     outcome = fn(st)
     seconds = time.perf_counter() - t0
     write_text(st.out / f"{name}.md", report(name, title, st, outcome, seconds))
-    write_text(st.out / f"{name}.json", json.dumps(
+    write_text(st.out / f"{name}.json", jsonout.dumps(
         {"experiment": name, "quick": st.quick, "seconds": seconds,
          "png": str(outcome.png), "measured": outcome.measured, "notes": outcome.notes},
         indent=1, default=float))
@@ -71,12 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="experiment", description=__doc__.splitlines()[0])
     p.add_argument("name", choices=(*NAMES, "all"), help="experiment, or all = E1..E5")
     p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default results/NAME; with all: results/)")
+                   help="results folder (default results/NAME; with all: results/); a given "
+                        "DIR is created if missing, its parent must exist")
     p.add_argument("--quick", action="store_true", help="reduced sizes and grids")
-    p.add_argument("--jobs", type=int, default=2, help="worker processes for sweeps")
+    p.add_argument("--jobs", type=int_at_least(1), default=2, help="worker processes for sweeps")
     args = p.parse_args(argv)
 
     def body() -> int:
+        if args.out is not None:
+            check_out_dir(args.out)
         names = NAMES[:5] if args.name == "all" else (args.name,)
         base = args.out or Path("results")
         total = 0.0

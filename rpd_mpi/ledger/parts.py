@@ -7,6 +7,7 @@ blocks, one resize per block (docs/DESIGN.md 9: per-row resizing is ~250x slower
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from types import TracebackType
@@ -15,7 +16,8 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from rpd_mpi.ledger.run_file import SCHEMA_VERSION, LedgerError, check_version, open_ledger
+from rpd_mpi.ledger.run_file import (SCHEMA_VERSION, LedgerError, check_version, is_complete,
+                                     open_ledger)
 from rpd_mpi.records import EVENT_DTYPE, UPDATE_ROW_DTYPE
 
 #: One row per block update, as a rank records it during an MPI run. `version` is the block
@@ -26,10 +28,12 @@ PART_UPDATE_DTYPE = UPDATE_ROW_DTYPE     # one row per block update (records.Upd
 _PART_CHUNK = 1024       # rows per chunk of a part file's resizable datasets
 
 
-def part_path(run_path: str | os.PathLike[str], rank: int) -> Path:
-    """Where rank `rank` writes its part of the run file `run_path`."""
+def part_path(run_path: str | os.PathLike[str], rank: int, run_id: str = "") -> Path:
+    """Where rank `rank` of run `run_id` writes its part of the run file `run_path`:
+    `<run>.<run_id>.rankNNNNN.part` (`<run>.rankNNNNN.part` without a run id)."""
     run_path = Path(run_path)
-    return run_path.with_name(f"{run_path.name}.rank{rank:05d}.part")
+    tag = f".{run_id}" if run_id else ""
+    return run_path.with_name(f"{run_path.name}{tag}.rank{rank:05d}.part")
 
 
 class _Appender:
@@ -37,6 +41,7 @@ class _Appender:
 
     def __init__(self, f: h5py.File, name: str, dtype: np.dtype, buffer_rows: int) -> None:
         self.dtype = dtype
+        self.folder = os.path.dirname(os.path.abspath(f.filename))
         self.dataset = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
                                         chunks=(_PART_CHUNK,))
         self.buffer = np.empty(buffer_rows, dtype=dtype)   # copies: callers reuse their rows
@@ -61,9 +66,27 @@ class _Appender:
             self.pending_rows = 0
 
     def _write(self, block: np.ndarray) -> None:
+        check_space(self.folder, block.nbytes)
         start = self.dataset.shape[0]
         self.dataset.resize((start + block.shape[0],))
         self.dataset[start:] = block
+
+
+#: bytes a part file keeps free on its disk beyond each append (HDF5 metadata, the close)
+SPACE_MARGIN = 64 * 1024
+
+
+def check_space(folder: str, nbytes: int) -> None:
+    """OSError(ENOSPC) before an append that would leave less than SPACE_MARGIN free: the
+    part then stops cleanly and stays readable, instead of HDF5 meeting a full disk in the
+    middle of a write (which left unreadable files and crashed the process at exit)."""
+    st = os.statvfs(folder)
+    if st.f_bavail * st.f_frsize < nbytes + SPACE_MARGIN:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), folder)
+
+
+#: HDF5 objects of part files whose writes failed, kept alive on purpose (RankPart._abandon)
+ABANDONED: list[object] = []
 
 
 class RankPart:
@@ -116,16 +139,31 @@ class RankPart:
             self._snapshots.flush()
         f.flush()
 
-    def close(self, complete: bool = True) -> None:
-        """Flush, mark the part complete (unless `complete=False`) and close. Idempotent."""
+    def close(self, complete: bool = True, flush: bool = True) -> None:
+        """Flush (unless `flush=False`: after a failed append, the buffered rows are given
+        up), mark the part complete (unless `complete=False`) and close. Idempotent."""
         if self._file is None:
             return
         try:
-            self.flush()
+            if flush:
+                self.flush()
             self._file.attrs["complete"] = bool(complete)
+        except BaseException:
+            self._abandon()
+            raise
         finally:
-            self._file.close()
-            self._file = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def _abandon(self) -> None:
+        """A write failed (disk full): never touch this file's HDF5 objects again. Closing
+        or freeing them retries the failed writes, prints h5py warnings and (freed by the
+        interpreter's final garbage collection) crashed the process with a segmentation
+        fault; so they are kept alive in `ABANDONED`, and a process that abandoned a part
+        leaves with os._exit (`rpd_mpi.commands.cmd_train`)."""
+        ABANDONED.append((self._file, self._events, self._updates, self._snapshots))
+        self._file = None
 
     def _require_open(self) -> h5py.File:
         if self._file is None:
@@ -147,7 +185,7 @@ def read_part(path: str | os.PathLike[str],
         check_version(f, path)
         if f.attrs.get("kind") != "rank_part":
             raise LedgerError(f"{path} is not an rpd_mpi rank part file")
-        if not allow_incomplete and not bool(f.attrs["complete"]):
+        if not allow_incomplete and not is_complete(f.attrs.get("complete")):
             raise LedgerError(f"{path} is incomplete (the rank did not close its part)")
         return f["events"][()], f["updates"][()]
 

@@ -26,7 +26,7 @@ renders it as text. The keys of the dict are stable (the CLI's `--json` contract
     allreduce_time       MPI: seconds in LocalSGD averaging (AVG events), summed over ranks
 
 Values that cannot be computed (no updates, no events, ...) are None. Floats may be nan/inf
-for a diverged run; `json.dumps` writes them as NaN/Infinity.
+for a diverged run (`status` says so); `rpd_mpi.jsonout` writes them as null.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from rpd_mpi.schedule.delays import steady_max_mean, update_order
 from rpd_mpi.schedule.timeline import Timeline, busy_fraction
 
 SUMMARY_KEYS = (
-    "method", "stages", "groups", "trajectories", "engine", "objective", "updates", "slots",
+    "method", "stages", "groups", "trajectories", "engine", "objective", "status", "updates",
+    "slots",
     "wall_time", "final_objective", "final_gap", "steady_max_delay", "steady_mean_delay",
     "max_local_staleness", "utilization", "mean_loss_last10pct",
     "unit_utilization", "unit_steady_max_delay", "unit_steady_mean_delay",
@@ -54,6 +55,17 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _status(record: RunRecord) -> str:
+    """complete, or diverged (at update k: what = value)."""
+    a = record.attrs
+    status = str(a.get("status") or "complete")
+    if status == "diverged":
+        status += (f" at update {a.get('diverged_update')}: {a.get('diverged_what')} = "
+                   f"{a.get('diverged_value')} (stage {a.get('diverged_stage')}, microbatch "
+                   f"{a.get('diverged_microbatch')})")
+    return status
 
 
 def _stages(record: RunRecord) -> int:
@@ -157,6 +169,7 @@ def summarize(record: RunRecord) -> dict[str, Any]:
         "method": attrs.get("method"), "stages": stages, "groups": groups,
         "trajectories": int(attrs.get("trajectories") or 1),
         "engine": attrs.get("engine"), "objective": attrs.get("objective"),
+        "status": _status(record),
         "updates": len(record.updates),
         "slots": _slots(record),
         "wall_time": wall, "final_objective": final, "final_gap": gap,
@@ -174,6 +187,7 @@ def summarize(record: RunRecord) -> dict[str, Any]:
 _LABELS = {
     "method": "method", "stages": "stages S", "groups": "groups G",
     "trajectories": "trajectories R", "engine": "engine", "objective": "objective",
+    "status": "status",
     "updates": "block updates K", "slots": "timeline slots T", "wall_time": "wall time",
     "final_objective": "final objective", "final_gap": "final gap f - f*",
     "steady_max_delay": "steady max delay", "steady_mean_delay": "steady mean delay",

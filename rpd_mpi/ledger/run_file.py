@@ -42,6 +42,7 @@ never one per row (docs/DESIGN.md 9: per-row resizing is ~250x slower).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from pathlib import Path
@@ -75,12 +76,14 @@ class LedgerError(Exception):
 # ----------------------------------------------------------------------------- writing
 
 
-def write_run(path: str | os.PathLike[str], record: RunRecord) -> None:
-    """Write `record` to `path` atomically (via `<path>.partial` and `os.replace`)."""
+def write_run(path: str | os.PathLike[str], record: RunRecord, run_id: str = "") -> None:
+    """Write `record` to `path` atomically: via `<path>.<run_id>.partial` (`<path>.partial`
+    without a run id) and `os.replace`, so an old file at `path` stays intact until then."""
     path = Path(path)
     if not path.parent.is_dir():
         raise LedgerError(f"cannot write ledger {path}: directory {path.parent} does not exist")
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{run_id}.partial" if run_id else
+                             f"{path.name}.partial")
     try:
         with h5py.File(partial, "w") as f:
             f.attrs["complete"] = False
@@ -207,8 +210,9 @@ def open_ledger(path: str | os.PathLike[str], what: str) -> h5py.File:
     path = Path(path)
     if not path.exists():
         hint = ""
-        if path.with_name(path.name + ".partial").exists():
-            hint = f" (but {path.name}.partial exists: the run did not finish writing it)"
+        left = sorted(path.parent.glob(f"{glob.escape(path.name)}.*partial"))
+        if left:
+            hint = f" (but {left[-1].name} exists: the run did not finish writing it)"
         raise LedgerError(f"{what} {path} does not exist{hint}")
     if path.is_dir() or not h5py.is_hdf5(path):
         raise LedgerError(f"{what} {path} is not an HDF5 file")
@@ -221,28 +225,52 @@ def open_ledger(path: str | os.PathLike[str], what: str) -> h5py.File:
 def check_version(f: h5py.File, path: str | os.PathLike[str]) -> None:
     if "schema_version" not in f.attrs:
         raise LedgerError(f"{path} is not an rpd_mpi ledger (no schema_version attribute)")
-    version = int(f.attrs["schema_version"])
-    if version != SCHEMA_VERSION:
-        raise LedgerError(f"{path} has ledger schema version {version}; "
+    version = f.attrs["schema_version"]
+    if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)) \
+            or int(version) != SCHEMA_VERSION:
+        raise LedgerError(f"{path} has ledger schema version {_plain(version)!r}; "
                           f"this rpd_mpi reads version {SCHEMA_VERSION}")
+
+
+def is_complete(value: object) -> bool:
+    """A `complete` attribute counts only when it is exactly True (h5py reads a bool
+    attribute as numpy.bool_); 1, "yes" or "true" do not."""
+    return value is True or (isinstance(value, np.bool_) and bool(value))
 
 
 def _check_header(f: h5py.File, path: str | os.PathLike[str]) -> None:
     check_version(f, path)
     if f.attrs.get("kind") == "rank_part":
         raise LedgerError(f"{path} is a rank part file, not a run ledger (see read_part)")
-    if not bool(f.attrs.get("complete", False)):
-        raise LedgerError(f"{path} is incomplete (the run did not finish writing it)")
+    if not is_complete(f.attrs.get("complete")):
+        raise LedgerError(f"{path} is incomplete (the run did not finish writing it: its "
+                          f"complete attribute is {_plain(f.attrs.get('complete'))!r}, not "
+                          f"True)")
+
+
+def _plain(value: object) -> object:
+    """A numpy scalar as the Python value it holds (for messages)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+#: Attributes the readers compute with, and the types they must have (None allowed).
+_TYPED_ATTRS: dict[str, tuple[type, ...]] = {
+    **{n: (int,) for n in ("stages", "groups", "trajectories", "local_steps", "flush", "noam",
+                           "microbatches", "slots", "delta", "dim", "examples")},
+    **{n: (int, float) for n in ("lr", "f_star", "L")},
+    **{n: (str,) for n in ("method", "engine", "objective")},
+}
 
 
 def read_run(path: str | os.PathLike[str]) -> RunRecord:
-    """Read a run file written by `write_run`; LedgerError if it is not a complete v1 ledger."""
+    """Read a run file written by `write_run`; LedgerError naming the file if it is not a
+    complete v1 ledger or a part of it is missing or malformed."""
     with open_ledger(path, "ledger") as f:
         _check_header(f, path)
         try:
-            return RunRecord(
-                attrs=_read_attrs(f), config=json.loads(f.attrs["config"]),
-                updates=_read_updates(f["updates"]), events=f["events"][()],
+            record = RunRecord(
+                attrs=_read_attrs(f), config=_read_config(f),
+                updates=_read_updates(f["updates"]), events=_read_events(f),
                 objective=Objective(**{n: f["objective"][n][()] for n in _OBJECTIVE_DTYPES}),
                 final_blocks=_read_blocks(f["final_blocks"]),
                 timeline_kind=_optional(f, "timeline/kind"),
@@ -250,16 +278,44 @@ def read_run(path: str | os.PathLike[str]) -> RunRecord:
             )
         except KeyError as exc:
             raise LedgerError(f"{path} lacks a part of the ledger schema: {exc}") from exc
+        except (TypeError, ValueError, OSError) as exc:     # bad JSON, types, a torn file
+            raise LedgerError(f"{path} is malformed: {type(exc).__name__}: {exc}") from exc
+    _check_attrs(record.attrs, path)
+    return record
+
+
+def _read_config(f: h5py.File) -> dict[str, Any]:
+    config = json.loads(_text(f.attrs["config"], "config"))
+    if not isinstance(config, dict):
+        raise ValueError(f"the config attribute must be a JSON object (got {config!r:.60})")
+    return config
+
+
+def _text(value: object, name: str) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if not isinstance(value, str):
+        raise TypeError(f"the {name} attribute must be a JSON string (got "
+                        f"{_plain(value)!r:.60})")
+    return value
+
+
+def _check_attrs(attrs: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    for name, kinds in _TYPED_ATTRS.items():
+        value = attrs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise LedgerError(f"{path} is malformed: attribute {name!r} is {value!r:.60}, "
+                              f"not {' or '.join(k.__name__ for k in kinds)}")
 
 
 def _read_attrs(f: h5py.File) -> dict[str, Any]:
-    json_names = set(json.loads(f.attrs["json_attrs"]))
+    json_names = set(json.loads(_text(f.attrs["json_attrs"], "json_attrs")))
     attrs: dict[str, Any] = {}
     for name, value in f.attrs.items():
         if name in RESERVED_ATTRS:
             continue
         if name in json_names:
-            attrs[name] = json.loads(value)
+            attrs[name] = json.loads(_text(value, name))
         elif isinstance(value, np.generic):
             attrs[name] = value.item()
         else:
@@ -269,7 +325,21 @@ def _read_attrs(f: h5py.File) -> dict[str, Any]:
 
 def _read_updates(group: h5py.Group) -> Updates:
     fields = {n: group[n][()] for n in UPDATE_DTYPES if n != "k"}
-    return Updates(delays=group["delays"][()], **fields)
+    delays = group["delays"][()]
+    rows = {np.shape(v) for v in fields.values()}
+    if len(rows) != 1 or len(next(iter(rows))) != 1 or np.ndim(delays) != 2 or \
+            np.shape(delays)[0] != next(iter(rows))[0]:
+        raise ValueError(f"/updates columns have shapes {sorted(rows)} and delays "
+                         f"{np.shape(delays)}; expected K rows each and K x S delays")
+    return Updates(delays=delays, **fields)
+
+
+def _read_events(f: h5py.File) -> np.ndarray:
+    events: np.ndarray = f["events"][()]
+    if events.ndim != 1 or not set(EVENT_DTYPE.names or ()) <= set(events.dtype.names or ()):
+        raise ValueError(f"/events must be 1-D rows of {EVENT_DTYPE.names} (got dtype "
+                         f"{events.dtype}, shape {events.shape})")
+    return events
 
 
 def _read_blocks(group: h5py.Group) -> list[np.ndarray]:
@@ -286,12 +356,28 @@ def read_arrays(path: str | os.PathLike[str], names: Iterable[str],
     that exist. A 0-d dataset (e.g. f_star) comes back as a 0-d array."""
     out: dict[str, np.ndarray] = {}
     with open_ledger(path, "data file") as f:
-        for name in names:
-            if not isinstance(f.get(name), h5py.Dataset):
-                raise LedgerError(f"data file {path} has no top-level dataset {name!r} "
-                                  f"(it has: {', '.join(sorted(f.keys())) or 'nothing'})")
-            out[name] = np.asarray(f[name][()])
-        for name in optional:
-            if isinstance(f.get(name), h5py.Dataset):
+        try:
+            for name in names:
+                if not isinstance(f.get(name), h5py.Dataset):
+                    raise LedgerError(f"data file {path} has no top-level dataset {name!r} (it "
+                                      f"has: {', '.join(sorted(f.keys())) or 'nothing'})")
                 out[name] = np.asarray(f[name][()])
+            for name in optional:
+                if isinstance(f.get(name), h5py.Dataset):
+                    out[name] = np.asarray(f[name][()])
+        except (OSError, KeyError, TypeError, ValueError) as exc:     # torn or odd datasets
+            raise LedgerError(f"data file {path} cannot be read: {type(exc).__name__}: "
+                              f"{exc}") from exc
     return out
+
+
+def array_shape(path: str | os.PathLike[str], name: str) -> tuple[int, ...] | None:
+    """The shape of top-level dataset `name` of an HDF5 file, without reading it; None when
+    the file or the dataset cannot be read (`read_arrays` then says why)."""
+    try:
+        with h5py.File(path, "r") as f:
+            dataset = f.get(name)
+            return tuple(int(n) for n in dataset.shape) if isinstance(dataset, h5py.Dataset) \
+                and dataset.shape is not None else None
+    except (OSError, TypeError, ValueError):
+        return None

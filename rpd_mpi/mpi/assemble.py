@@ -6,7 +6,7 @@ rebuilt from block snapshots, and the attributes of an MPI run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from rpd_mpi.ledger.parts import part_path, read_part, read_part_snapshots
 from rpd_mpi.mpi import comm as commlib
 from rpd_mpi.mpi.measured import fill_losses, global_updates, objective_curve, plan_updates
 from rpd_mpi.objectives.protocol import Model
-from rpd_mpi.records import RunRecord, Trace
+from rpd_mpi.records import Divergence, RunRecord, Trace
 from rpd_mpi.schedule.timeline import Timeline
 
 
@@ -31,12 +31,16 @@ class RankMeta:
     clock_offset: float            # this rank's clock minus rank 0's (seconds)
     losses: np.ndarray | None      # RPD, last stage: the loss of every iteration
     device: dict[str, Any] | None  # --device cuda: the rank's GPU and transport
+    divergence: Divergence | None = None   # this rank saw the run diverge
+    write_error: str = ""                  # this rank's part file could not be written
 
 
 def assemble(cfg: RunConfig, model: Model, tl: Timeline, rpd: RPDSetup | None, size: int,
-             meta: list[RankMeta]) -> RunRecord:
-    """Rank 0: the run file's record from every rank's part."""
-    parts = [read_part(part_path(cfg.out, r)) for r in range(size)]
+             meta: list[RankMeta], run_id: str = "", stopped: bool = False) -> RunRecord:
+    """Rank 0: the run file's record from every rank's part (of a stopped run: what the
+    ranks recorded before the stop, with the divergence one of them saw)."""
+    parts = [read_part(part_path(cfg.out, r, run_id), allow_incomplete=stopped)
+             for r in range(size)]
     events = np.concatenate([p[0] for p in parts])
     rows = np.concatenate([p[1] for p in parts])
     if rpd is not None:
@@ -48,10 +52,12 @@ def assemble(cfg: RunConfig, model: Model, tl: Timeline, rpd: RPDSetup | None, s
         fill_losses(rows, cfg.schedule.stages)
         updates = global_updates(rows, events, cfg.schedule.stages)
         delta = int(updates.delays.max()) if len(updates) else 0
-    snaps = _snapshots_by_stage(cfg, size)
+    snaps = _snapshots_by_stage(cfg, size, run_id)
     copies = cfg.schedule.groups * tl.trajectories
     objective, final = objective_curve(model, snaps, updates.time, cfg.eval_every, copies)
-    trace = Trace(updates, objective, final, events)
+    seen = [m.divergence for m in meta if m.divergence is not None]
+    divergence = replace(seen[0], update=len(updates)) if seen else None
+    trace = Trace(updates, objective, final, events, divergence)
     extra: dict[str, Any] = {
         "mpi_library": commlib.library_version(), "world_size": size,
         "hosts": sorted({m.host for m in meta}),
@@ -61,16 +67,17 @@ def assemble(cfg: RunConfig, model: Model, tl: Timeline, rpd: RPDSetup | None, s
         "op_cost": cfg.runtime.op_cost}
     if cfg.runtime.device != "cpu":
         extra["gpus"] = [m.device for m in meta]
-    return to_record(cfg, model, trace, tl, engine="mpi", delta=delta, extra=extra)
+    return to_record(cfg, model, trace, tl, engine="mpi", delta=delta, extra=extra,
+                     run_id=run_id)
 
 
-def _snapshots_by_stage(cfg: RunConfig, size: int) -> list[np.ndarray]:
+def _snapshots_by_stage(cfg: RunConfig, size: int, run_id: str) -> list[np.ndarray]:
     S = cfg.schedule.stages
     out = []
     for s in range(S):
         rows = []
         for g in range(cfg.schedule.groups):
-            snaps = read_part_snapshots(part_path(cfg.out, g * S + s))
+            snaps = read_part_snapshots(part_path(cfg.out, g * S + s, run_id))
             if snaps is None:
                 raise RuntimeError(f"the part file of rank {g * S + s} holds no snapshots")
             rows.append(snaps)

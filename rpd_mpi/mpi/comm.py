@@ -36,9 +36,87 @@ def wtime() -> float:
     return MPI.Wtime()
 
 
+class Stopped(CommError):
+    """Another rank asked the job to stop (`StopFlag`); this rank ends its program."""
+
+
+STOP_TAG = 17
+
+
+class StopFlag:
+    """A job-wide "stop now": `announce` sends one small message to every other rank on a
+    communicator of its own (eager: it never blocks); `raised` tests for one (Iprobe, about
+    a microsecond) and remembers its code. `settle` is collective: every rank receives every
+    announcement made, so no message is left pending at the end."""
+
+    def __init__(self, world: MPI.Comm) -> None:
+        self.comm: MPI.Comm = world.Dup()
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.code = 0                       # 0: no stop seen; else the first code seen
+        self.sent: list[MPI.Request] = []
+        self.received = 0
+        self._buf = np.zeros(2, dtype=np.int64)
+
+    def announce(self, code: int) -> None:
+        """Ask every rank to stop (once per rank); `code` > 0 says why."""
+        if self.sent or self.size == 1:
+            self.code = self.code or code
+            return
+        self.code = self.code or code
+        self._msg = np.array([code, self.rank], dtype=np.int64)
+        self.sent = [self.comm.Isend(self._msg, dest=r, tag=STOP_TAG)
+                     for r in range(self.size) if r != self.rank]
+
+    def raised(self) -> bool:
+        """Has any rank announced a stop (this one included)?"""
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=STOP_TAG):
+            self.comm.Recv(self._buf, source=MPI.ANY_SOURCE, tag=STOP_TAG)
+            self.received += 1
+            self.code = self.code or int(self._buf[0])
+        return self.code != 0
+
+    def settle(self, waiter: "Waiter") -> int:
+        """Collective, at the end: receive every announcement, complete every send; returns
+        the stop code (0: nobody stopped). Bounded by the waiter's timeout."""
+        watched, waiter.stop = waiter.stop, None       # the waits below must not raise Stopped
+        try:
+            return self._settle(waiter)
+        finally:
+            waiter.stop = watched
+
+    def _settle(self, waiter: "Waiter") -> int:
+        mine = np.array([1 if self.sent else 0], dtype=np.int64)
+        total = np.zeros(1, dtype=np.int64)
+        waiter.collective(self.comm.Iallreduce(mine, total, op=MPI.SUM), "the stop agreement")
+        expected = int(total[0]) - int(mine[0])
+        while self.received < expected:
+            waiter.until([self.raised_one], lambda: "a stop announcement")
+        for req in self.sent:
+            waiter.wait([req], lambda: "a stop announcement to be delivered")
+        self.sent = []
+        codes = np.array([self.code], dtype=np.int64)
+        first = np.zeros(1, dtype=np.int64)
+        waiter.collective(self.comm.Iallreduce(codes, first, op=MPI.MAX), "the stop agreement")
+        self.code = int(first[0])
+        return self.code
+
+    def raised_one(self) -> bool:
+        before = self.received
+        self.raised()
+        return self.received > before
+
+    def free(self) -> None:
+        if self.comm != MPI.COMM_NULL:
+            self.comm.Free()
+            self.comm = MPI.COMM_NULL
+
+
 class Comm:
     """World, pipeline and stage communicators of one rank: rank r is stage r % S of group
-    r // S. Created once; pass it explicitly."""
+    r // S. Created once; pass it explicitly. Every collective is bounded by the waiter's
+    timeout (`set_waiter`; before that a default one), with a message naming it."""
+
+    AGREE_TIMEOUT = 600.0          # seconds, before the run's own --timeout is known
 
     def __init__(self) -> None:
         self.world: MPI.Comm = MPI.COMM_WORLD.Dup()
@@ -49,6 +127,14 @@ class Comm:
         self.act_comm: MPI.Comm = MPI.COMM_NULL
         self.grad_comm: MPI.Comm = MPI.COMM_NULL
         self.stage_comm: MPI.Comm = MPI.COMM_NULL
+        self.waiter = Waiter("polite", self.AGREE_TIMEOUT)
+        self.stop = StopFlag(self.world)
+
+    def set_waiter(self, waiter: "Waiter") -> None:
+        """Use `waiter` (the run's strategy and --timeout) for every wait from now on; it
+        also watches the stop flag."""
+        self.waiter = waiter
+        waiter.stop = self.stop
 
     def split(self, stages: int) -> None:
         """Pipeline communicators per group (rank = stage; one for activations, one for
@@ -62,13 +148,22 @@ class Comm:
 
     def first_failure(self, failed: bool) -> int:
         """Agree on validation: the lowest rank that failed, or -1 if none did."""
-        mine = self.rank if failed else self.size
-        lowest = self.world.allreduce(mine, op=MPI.MIN)
-        return -1 if lowest == self.size else lowest
+        mine = np.array([self.rank if failed else self.size], dtype=np.int64)
+        lowest = np.zeros(1, dtype=np.int64)
+        self.waiter.collective(self.world.Iallreduce(mine, lowest, op=MPI.MIN),
+                               "the agreement on the configuration")
+        return -1 if int(lowest[0]) == self.size else int(lowest[0])
+
+    def share(self, value: T) -> T:
+        """Rank 0's `value` on every rank (after a bounded barrier)."""
+        self.barrier("the start of the run")
+        result: T = self.world.bcast(value, root=0)
+        return result
 
     def clock_offset(self, rounds: int = 8) -> float:
         """Seconds to add to this rank's MPI.Wtime() to read rank 0's clock (Cristian's
         method over `rounds` ping-pongs, keeping the one with the shortest round trip)."""
+        self.barrier("the clock synchronisation")      # everyone is here: no long waits
         best, offset = float("inf"), 0.0
         t = np.zeros(1)
         for r in range(1, self.size):
@@ -88,25 +183,36 @@ class Comm:
 
     def start_time(self) -> float:
         """A common t = 0 after a barrier, on rank 0's clock."""
-        self.world.Barrier()
+        self.barrier("the start of the run")
         return float(self.world.bcast(MPI.Wtime(), root=0))
 
-    def barrier(self) -> None:
-        self.world.Barrier()
+    def barrier(self, what: str = "the end of the run") -> None:
+        """Every rank reaches this point (Ibarrier: bounded by the timeout)."""
+        self.waiter.collective(self.world.Ibarrier(), f"every rank to reach {what}")
+
+    def final_barrier(self) -> None:
+        """The last meeting of a stopped job, after rank 0 wrote its ledger (which may take
+        longer than --timeout): bounded by AGREE_TIMEOUT instead."""
+        Waiter("polite", self.AGREE_TIMEOUT).collective(self.world.Ibarrier(),
+                                                        "every rank to reach the end of the job")
 
     def gather(self, obj: T) -> list[T] | None:
         """Small end-of-run metadata to rank 0 (pickle is fine off the hot path)."""
-        return self.world.gather(obj, root=0)
+        self.barrier("the end of the run")
+        result: list[T] | None = self.world.gather(obj, root=0)
+        return result
 
     def allreduce_mean(self, buf: np.ndarray, count: int) -> None:
-        """In place: buf <- (sum over the stage communicator of buf) / count."""
-        self.stage_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        """In place: buf <- (sum over the stage communicator of buf) / count (bounded)."""
+        self.waiter.collective(self.stage_comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
+                               "the LocalSGD allreduce of this stage")
         buf /= count
 
     def abort(self, code: int = 1) -> None:
         self.world.Abort(code)
 
     def free(self) -> None:
+        self.stop.free()
         for c in (self.act_comm, self.grad_comm, self.pipe, self.stage_comm, self.world):
             if c != MPI.COMM_NULL:
                 c.Free()
@@ -156,13 +262,25 @@ class Waiter:
             raise ValueError(f"wait strategy must be spin or polite (got {strategy!r})")
         self.polite, self.timeout = strategy == "polite", timeout
         self.blocked = 0.0            # total seconds spent waiting
+        self.stop: StopFlag | None = None     # a stop announced by any rank ends the wait
 
     def wait(self, reqs: Sequence[MPI.Request], what: Callable[[], str]) -> int:
         """Block until one of `reqs` completes; return its index. RecvTimeout past timeout."""
         return self.until([r.Test for r in reqs], what)
 
+    def collective(self, req: MPI.Request, what: str) -> None:
+        """Complete a nonblocking collective; RecvTimeout past the timeout (a stop does not
+        interrupt it: collectives are where the stopped ranks meet)."""
+        stop, self.stop = self.stop, None
+        try:
+            self.until([req.Test], lambda: f"{what} (a rank is stalled, crashed or still "
+                                           f"starting; --timeout {self.timeout:g})")
+        finally:
+            self.stop = stop
+
     def until(self, probes: Sequence[Callable[[], bool]], what: Callable[[], str]) -> int:
-        """Block until one probe returns True; return its index. RecvTimeout past timeout."""
+        """Block until one probe returns True; return its index. RecvTimeout past timeout;
+        `Stopped` when another rank announced a stop meanwhile."""
         t0 = MPI.Wtime()
         sleep, spins = 2e-5, 0
         while True:
@@ -174,8 +292,12 @@ class Waiter:
             if self.polite and MPI.Wtime() - t0 > self.SPIN_FIRST:
                 time.sleep(sleep)
                 sleep = min(sleep * 1.5, self.SLEEP_MAX)
-            if (self.polite or spins % 4096 == 0) and MPI.Wtime() - t0 > self.timeout:
-                raise RecvTimeout(f"waited {self.timeout:g} s for {what()}")
+            if self.polite or spins % 4096 == 0:
+                if self.stop is not None and self.stop.raised():
+                    self.blocked += MPI.Wtime() - t0
+                    raise Stopped(f"stopped while waiting for {what()}")
+                if MPI.Wtime() - t0 > self.timeout:
+                    raise RecvTimeout(f"waited {self.timeout:g} s for {what()}")
 
 
 TAG_MOD = 32768   # MPI guarantees tags up to at least 32767
@@ -251,6 +373,25 @@ class RecvLink:
         if self.posted < self.count:
             self._post()
 
+    def discard(self, sent: int) -> None:
+        """After a stop: receive and drop the messages up to the `sent`-th the peer sent,
+        then cancel the receives posted beyond them (no request is left pending)."""
+        i = self.next % len(self.bufs)
+        if self.posted > self.next and self.reqs[i] is None and not self.arrived[i]:
+            self.release()                # taken by the op the stop interrupted
+        while self.next < sent:
+            if not self.ready():
+                self.waiter.until([self.ready], lambda: f"{self.name} from rank {self.peer} "
+                                                        f"(draining after a stop)")
+            i = self.next % len(self.bufs)
+            self.reqs[i], self.arrived[i] = None, False
+            self.release()
+        for i, req in enumerate(self.reqs):
+            if req is not None:
+                req.Cancel()
+                req.Wait()
+                self.reqs[i] = None
+
 
 class SendLink:
     """Messages to one peer through a ring of `depth` preallocated buffers.
@@ -301,6 +442,7 @@ class InLink(Protocol):
     def ready(self) -> bool: ...
     def take(self, mb: int) -> Any: ...
     def release(self) -> None: ...
+    def discard(self, sent: int) -> None: ...
 
 
 class OutLink(Protocol):

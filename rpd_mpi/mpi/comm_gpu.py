@@ -5,22 +5,26 @@ Same API as `comm.RecvLink` / `comm.SendLink` (`ready`, `take(mb) -> buffer`, `r
 those classes themselves, composed, so the tag (= microbatch id) and size checks, the
 posting ahead and the wait strategy are the CPU ones. Three transports (`make_links`):
 
-- `staged` (default, any MPI): device -> pinned host ring slot (async copy on a stream of
-  the link, then that stream is synchronised), Isend from pinned memory; Irecv into pinned
-  memory, and on `take` an async copy into a device ring slot that the compute stream waits
-  for (an event). The compute stream's reads of a slot are fenced by another event before
-  a later copy overwrites it.
+- `staged` (default, any MPI): device -> pinned host ring slot (an asynchronous copy,
+  `blocking=False`, on a stream of the link that first waits for the compute stream), and
+  the copy's event synchronized right before the Isend from that pinned slot (MPI reads host
+  memory outside any stream); Irecv into pinned memory, and on `take` an async copy into a
+  device ring slot that the compute stream waits for (an event). The compute stream's reads
+  of a slot are fenced by another event before a later copy overwrites it, and the pinned
+  slot is reposted to MPI only after its copy's event was synchronized.
 - `direct` (`--gpu-aware-mpi`): device buffers straight to a CUDA-aware MPI; the compute
   stream is synchronised before an Isend and before a slot is reposted for receiving.
 - `ipc` (ranks of one node): the receiver allocates its device ring with one cudaMalloc and
   sends its CUDA IPC memory handle to the sender once (pickled, at construction); the sender
-  copies device-to-device into the receiver's slot on its own stream, waits for that copy
-  (an event) and then sends a one-number "ready" message tagged with the microbatch id. The
-  receiver takes the slot when "ready" arrives; when it releases the slot (after its compute
-  stream has finished reading it) it sends a "credit" message, tagged with the microbatch
-  that used the slot, and the sender writes message k into slot k % n only after the credit
-  for message k - n. The ring has n = 2 x depth slots, the slack of comm's links (depth
-  receives posted ahead plus a send ring of depth), so IPC blocks no sooner than they do.
+  opens it (`UnownedMemory` on this process's own device, so cupy never asks the driver
+  which device the mapping belongs to), copies device-to-device into the receiver's slot on
+  its own stream, waits for that copy (an event) and then sends a one-number "ready"
+  message tagged with the microbatch id. The receiver takes the slot when "ready" arrives;
+  when it releases the slot (after its host has seen its compute stream finish reading it)
+  it sends a "credit" message, tagged with the microbatch that used the slot, and the
+  sender writes message k into slot k % n only after the credit for message k - n. The
+  ring has n = 2 x depth slots, the slack of comm's links (depth receives posted ahead plus
+  a send ring of depth), so IPC blocks no sooner than they do.
   Ready and credit messages run on the link's communicator in opposite directions
   (different sources, so they never match each other's receives).
 
@@ -41,6 +45,7 @@ import numpy as np
 from mpi4py import MPI
 
 from rpd_mpi.mpi.comm import CommError, RecvLink, SendLink, Waiter
+from rpd_mpi.mpi.pinned import current_device, device_ring, pinned_array
 
 TRANSPORTS = ("staged", "direct", "ipc")
 TAG_SETUP = 32767      # the IPC handshake (receiver -> sender, once, before any credit)
@@ -92,22 +97,7 @@ def cuda_aware_mpi() -> tuple[bool | None, str]:
     return None, "the MPI library offers no query; trusted --gpu-aware-mpi"
 
 
-# ----- device memory helpers ------------------------------------------------------------------
-
-def pinned_array(xp: ModuleType, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A numpy array in page-locked (pinned) host memory, for async copies."""
-    count = math.prod(shape)
-    mem = xp.cuda.alloc_pinned_memory(count * np.dtype(dtype).itemsize)
-    return np.frombuffer(mem, dtype, count).reshape(shape)
-
-
-def _ring(xp: ModuleType, mem: Any, shape: tuple[int, ...], dtype: Any, depth: int
-          ) -> list[Any]:
-    """`depth` device arrays of `shape` one after the other in the allocation `mem`."""
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    return [xp.ndarray(shape, dtype, xp.cuda.MemoryPointer(mem, i * nbytes))
-            for i in range(depth)]
-
+# ----- the composed host links (pinned_array, device_ring: rpd_mpi.mpi.pinned) -------------
 
 def _payload(xp: ModuleType, payload: Any, size: int, name: str) -> Any:
     """payload as a contiguous device array, checked to carry `size` values."""
@@ -174,6 +164,11 @@ class StagedRecvLink:
         self.next += 1
         self.host.release()                    # reposts the pinned slot
 
+    def discard(self, sent: int) -> None:
+        """After a stop (`mpi.runner.drain_after_stop`): the host link drops the rest."""
+        self.xp.cuda.get_current_stream().synchronize()
+        self.host.discard(sent)
+
 
 class StagedSendLink:
     """Async copy of the payload into a pinned slot on the link's stream, then Isend."""
@@ -186,6 +181,7 @@ class StagedSendLink:
         self.dev = [xp.empty(shape, dtype=dtype) for _ in range(depth)]
         self.stream = xp.cuda.Stream(non_blocking=True)
         self.made = xp.cuda.Event(disable_timing=True)
+        self.copied = xp.cuda.Event(disable_timing=True)
 
     def buffer(self) -> Any:
         """A device buffer a producer may fill and then `send`."""
@@ -196,12 +192,17 @@ class StagedSendLink:
         pinned = self.host.buffer()            # its previous Isend has completed
         self.made.record(self.xp.cuda.get_current_stream())
         self.stream.wait_event(self.made)      # copy after the kernels that made the payload
-        src.get(stream=self.stream, out=pinned)
-        self.stream.synchronize()              # the bytes are in pinned memory
+        src.get(stream=self.stream, out=pinned, blocking=False)    # queued, not waited for
+        self.copied.record(self.stream)
+        self.copied.synchronize()              # MPI reads the pinned slot: the bytes are there
         self.host.send(mb, pinned)             # Isend from the pinned slot, no copy
 
     def drain(self) -> None:
         self.host.drain()
+
+    @property
+    def sent(self) -> int:
+        return self.host.sent
 
 
 # ----- direct: device buffers to a CUDA-aware MPI --------------------------------------------
@@ -227,6 +228,11 @@ class DirectRecvLink:
         self.xp.cuda.get_current_stream().synchronize()   # reads done before MPI rewrites it
         self.link.release()
 
+    def discard(self, sent: int) -> None:
+        """After a stop (`mpi.runner.drain_after_stop`): drop the rest of the messages."""
+        self.xp.cuda.get_current_stream().synchronize()
+        self.link.discard(sent)
+
 
 class DirectSendLink:
     """Isend from a device slot once the compute stream has produced it."""
@@ -250,6 +256,10 @@ class DirectSendLink:
     def drain(self) -> None:
         self.link.drain()
 
+    @property
+    def sent(self) -> int:
+        return self.link.sent
+
 
 # ----- ipc: device-to-device copies into the peer's ring ----------------------------------
 
@@ -266,7 +276,7 @@ class IpcRecvLink:
         self.xp, self.slots, self.count, self.taken = xp, 2 * depth, count, 0
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         self.mem = xp.cuda.Memory(nbytes * self.slots)     # its own cudaMalloc: one handle
-        self.dev = _ring(xp, self.mem, shape, dtype, self.slots)
+        self.dev = device_ring(xp, self.mem, shape, dtype, self.slots)
         handle = xp.cuda.runtime.ipcGetMemHandle(self.mem.ptr)
         setup = {"handle": handle, "nbytes": nbytes, "slots": self.slots, "count": count,
                  "host": _host_name()}
@@ -312,8 +322,10 @@ class IpcSendLink:
             raise CommError(f"{name}: the peer's slots hold {setup['nbytes']} bytes, this "
                             f"link sends {nbytes}")
         self.base = xp.cuda.runtime.ipcOpenMemHandle(setup["handle"])
-        mem = xp.cuda.UnownedMemory(self.base, nbytes * n, self)
-        self.peer_slots, self.slots = _ring(xp, mem, shape, dtype, n), n
+        # this rank's own device: cupy then neither asks the driver which device owns the
+        # pointer nor tries to enable peer access to a device this process may not see
+        mem = xp.cuda.UnownedMemory(self.base, nbytes * n, self, current_device(xp))
+        self.peer_slots, self.slots = device_ring(xp, mem, shape, dtype, n), n
         self.ready_out = SendLink(comm, peer, (1,), waiter, name, depth, np.int64)
         self.credits = RecvLink(comm, peer, (1,), max(0, setup["count"] - n), waiter,
                                 f"{name} slot credit", depth, np.int64)

@@ -8,6 +8,8 @@ after the last. `hold` emulates compute for `--op-cost`.
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from typing import Any, Callable
 
@@ -34,6 +36,25 @@ def hold(op_cost: float, start: float) -> None:
         rest = op_cost - (wtime() - start)
         if rest > 0:
             time.sleep(rest)
+
+
+class PartWriteFailed(RuntimeError):
+    """Appending to this rank's part file failed (disk full, quota, I/O error)."""
+
+
+#: h5py raises OSError or RuntimeError for a failed write (HDF5 reports both ways)
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
+def io_reason(err: Exception) -> str:
+    """The one-line reason of a failed write (h5py's messages span several lines)."""
+    errno = getattr(err, "errno", None)
+    if errno:
+        return os.strerror(errno)
+    found = re.search(r"error message = '([^']*)'", str(err))
+    if found:
+        return found.group(1)
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 class Recorder:
@@ -75,7 +96,7 @@ class Recorder:
         self.taken[copy] = version
         self.snap["time"], self.snap["version"], self.snap["copy"] = t, version, copy
         self.snap["block"][0] = self.host(block)
-        self.part.append_snapshots(self.snap)
+        self._write(self.part.append_snapshots, self.snap)
 
     def final_snapshots(self, blocks: list[Any], copies: list[int], versions: list[int]
                         ) -> None:
@@ -86,8 +107,15 @@ class Recorder:
 
     def flush_rows(self) -> None:
         if self.events:
-            self.part.append_events(np.array(self.events, dtype=EVENT_DTYPE))
+            self._write(self.part.append_events, np.array(self.events, dtype=EVENT_DTYPE))
             self.events = []
         if self.updates:
-            self.part.append_updates(np.array(self.updates, dtype=UPDATE_ROW_DTYPE))
+            self._write(self.part.append_updates,
+                        np.array(self.updates, dtype=UPDATE_ROW_DTYPE))
             self.updates = []
+
+    def _write(self, append: Callable[[np.ndarray], None], rows: np.ndarray) -> None:
+        try:
+            append(rows)
+        except WRITE_ERRORS as err:
+            raise PartWriteFailed(f"writing {self.part.path}: {io_reason(err)}") from None

@@ -18,10 +18,12 @@ import numpy as np
 
 from rpd_mpi.config import RunConfig
 from rpd_mpi.engines.blocks import BlockState, Stashed
+from rpd_mpi.engines.health import Health
 from rpd_mpi.engines.rpd import RPDPlan
 from rpd_mpi.ledger.parts import RankPart
-from rpd_mpi.mpi.comm import Comm, Waiter, stage_links, wtime
+from rpd_mpi.mpi.comm import Comm, Stopped, Waiter, stage_links, wtime
 from rpd_mpi.mpi.recorder import Recorder, hold
+from rpd_mpi.mpi.runner import STOPS, RunnerResult, stop_for
 from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.progress import Progress
 from rpd_mpi.records import BWD, FWD
@@ -35,8 +37,10 @@ class RPDRunner:
                  part: RankPart, waiter: Waiter, t0: float) -> None:
         self.cfg, self.plan, self.S, self.i = cfg, plan, comm.stages, comm.stage
         sl = model.slices[self.i]
+        self.health = Health(cfg.diverge_factor)
         self.state = BlockState(self.i, [model.init_weights()[sl].copy()], cfg.lr,
-                                history=delta)
+                                history=delta, health=self.health)
+        self.comm = comm
         self.mod = model.make_stage(self.i)
         self.rec = Recorder(part, comm, t0, sl.stop - sl.start, cfg.eval_every)
         self.losses = np.full(plan.stage.size, np.nan)
@@ -46,16 +50,26 @@ class RPDRunner:
         self.links = stage_links(comm, self.i, self.S, model.activation_shape(self.i), K, back,
                                  waiter)
 
-    def run(self) -> None:
-        for k in range(self.plan.stage.size):
-            read, g_last = self.forward(k)
-            if self.i >= int(self.plan.stage[k]):
-                self.backward(k, read, g_last)
-            if self.i == 0:
-                self.progress.tick(k + 1)
-        self.links.drain()
-        self.rec.final_snapshots(self.state.blocks, [0], self.state.version)
-        self.rec.flush_rows()
+    def run(self) -> RunnerResult:
+        """Every iteration's share; a divergence announces a stop, a stop ends the loop."""
+        divergence, write_error = None, ""
+        try:
+            for k in range(self.plan.stage.size):
+                if self.comm.stop.raised():
+                    raise Stopped("another rank stopped the job")
+                read, g_last = self.forward(k)
+                if self.i >= int(self.plan.stage[k]):
+                    self.backward(k, read, g_last)
+                if self.i == 0:
+                    self.progress.tick(k + 1)
+            self.links.drain()
+        except STOPS as err:
+            divergence, write_error = stop_for(err, self.comm)
+        if not write_error:
+            self.rec.final_snapshots(self.state.blocks, [0], self.state.version)
+            self.rec.flush_rows()
+        losses = self.losses if self.i == self.S - 1 else None
+        return RunnerResult(self.links, losses, divergence, write_error)
 
     def forward(self, k: int) -> tuple[Stashed, Any]:
         t_wait, links = wtime(), self.links
@@ -71,6 +85,7 @@ class RPDRunner:
             sent = a_out.nbytes
         else:
             self.losses[k], g_last = self.mod.loss(a_out, batch)
+            self.health.loss(float(self.losses[k]), self.i, k)
         if links.act_in:
             links.act_in.release()
         self.rec.event(FWD, k, 0, v, start, wtime(), start - t_wait, sent)

@@ -21,14 +21,16 @@ import numpy as np
 
 from rpd_mpi.config import RunConfig
 from rpd_mpi.engines.blocks import BlockState, FlushBuffer, batch_of
+from rpd_mpi.engines.health import Health
 from rpd_mpi.ledger.parts import RankPart
 from rpd_mpi.mpi.backend import CPU, Backend
-from rpd_mpi.mpi.comm import Comm, Waiter, stage_links, wtime
+from rpd_mpi.mpi.comm import Comm, Stopped, Waiter, stage_links, wtime
 from rpd_mpi.mpi.comm_gpu import Links
 from rpd_mpi.mpi.recorder import Recorder, hold
+from rpd_mpi.mpi.runner import STOPS, RunnerResult, stop_for
 from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.progress import Progress
-from rpd_mpi.records import AVG, BWD, FWD, IDLE
+from rpd_mpi.records import AVG, BWD, FWD, IDLE, Divergence
 from rpd_mpi.schedule.rules import choose_1f1b, next_turn, noam_allows
 from rpd_mpi.schedule.timeline import Timeline
 
@@ -46,8 +48,11 @@ class StageRunner:
         sl = model.slices[self.s]
         # one block per trajectory (CPU: to_device returns the array itself)
         self.W = backend.to_device(np.tile(model.init_weights()[sl], (self.R, 1)))
+        self.health = Health(cfg.diverge_factor)
         self.state = BlockState(self.s, [self.W[r] for r in range(self.R)], cfg.lr,
-                                group=self.g, flush=FlushBuffer(tl.flush, tl.microbatches))
+                                group=self.g, flush=FlushBuffer(tl.flush, tl.microbatches),
+                                health=self.health)
+        self.divergence: Divergence | None = None
         self.mod = model.make_stage(self.s, self.g)
         self.losses: dict[int, tuple[float, Any]] = {}
         self.rec = Recorder(part, comm, t0, sl.stop - sl.start, cfg.eval_every,
@@ -93,6 +98,7 @@ class StageRunner:
         v = self.state.read(r, mb, cache)
         if self.s == self.S - 1:
             self.losses[mb] = self.mod.loss(a_out, batch)
+            self.health.loss(self.losses[mb][0], self.s, mb)
         self._hold(start)
         sent = 0
         if links.act_out and self.next_fwd is not None and self.next_fwd[mb]:
@@ -148,19 +154,42 @@ class StageRunner:
                        mean.nbytes if self.G > 1 else 0)
 
     def _inject(self) -> None:
+        if self.comm.stop.raised():
+            raise Stopped("another rank stopped the job")
         if self.fault and self.ops_done == self.fault[1]:
             if self.fault[0] == "raise":
                 raise RuntimeError(f"injected fault at op {self.ops_done}")
             time.sleep(1e9)          # injected stall: the others must time out
         self.ops_done += 1
 
-    def run_static(self, program: np.ndarray) -> None:
-        for op, mb in zip(program["op"].tolist(), program["mb"].tolist()):
-            self._inject()
-            self.handlers[op](mb)
-        self.finish()
+    def run_static(self, program: np.ndarray) -> RunnerResult:
+        """The stage's ops in timeline order (the simulator's math exactly)."""
+        def body() -> None:
+            for op, mb in zip(program["op"].tolist(), program["mb"].tolist()):
+                self._inject()
+                self.handlers[op](mb)
+        return self._guarded(body)
 
-    def run_dynamic(self) -> None:
+    def run_dynamic(self) -> RunnerResult:
+        return self._guarded(self._dynamic)
+
+    def _guarded(self, body: Callable[[], None]) -> RunnerResult:
+        """Run the program; a divergence here announces a stop, a stop elsewhere ends it.
+        Either way the rows recorded so far reach the part file."""
+        try:
+            body()
+            self.finish()
+        except STOPS as err:
+            self.divergence, write_error = stop_for(err, self.comm)
+            if not write_error:
+                self.rec.final_snapshots(self.state.blocks,
+                                         [self._copy(r) for r in range(self.R)],
+                                         self.state.version)
+                self.rec.flush_rows()
+            return RunnerResult(self.links, divergence=self.divergence, write_error=write_error)
+        return RunnerResult(self.links)
+
+    def _dynamic(self) -> None:
         """PD 1F1B on what has arrived: F needs its activation (stage 0: NOAM), B its
         gradient; when neither is ready, wait politely for either."""
         N, noam, links = self.tl.microbatches, self.tl.noam, self.links
@@ -178,7 +207,6 @@ class StageRunner:
             self.handlers[op](nf if op == FWD else nb)
             nf, nb = (nf + 1, nb) if op == FWD else (nf, nb + 1)
             has_b, turn_b = next_turn(op, has_b, turn_b)
-        self.finish()
 
     def _await(self, nf: int, nb: int, N: int) -> None:
         self.idle_since = self.idle_since or wtime()

@@ -194,6 +194,18 @@ def _float_array(data: dict[str, np.ndarray], key: str, ndim: int) -> np.ndarray
     return arr
 
 
+def _f_star(value: np.ndarray) -> float:
+    """A given f* must be one finite number (a 0-d or one-element array)."""
+    arr = np.asarray(value)
+    if arr.size != 1 or arr.ndim > 1 or arr.dtype.kind not in "iuf":
+        raise ValueError(f"data['f_star'] must be one number (0-d), got shape {arr.shape} "
+                         f"and dtype {arr.dtype}")
+    f_star = float(arr.reshape(()))
+    if not np.isfinite(f_star):
+        raise ValueError(f"data['f_star'] must be finite, got {f_star}")
+    return f_star
+
+
 def load_problem(name: str, data: dict[str, np.ndarray], lam: float) -> Problem:
     """Validate user data {X, y[, w_true, f_star]}; compute f* when it is not given."""
     missing = [key for key in ("X", "y") if key not in data]
@@ -210,7 +222,7 @@ def load_problem(name: str, data: dict[str, np.ndarray], lam: float) -> Problem:
     if w_true is not None and w_true.shape != (d,):
         raise ValueError(f"data['w_true'] has shape {w_true.shape}, expected ({d},)")
     if "f_star" in data:
-        return Problem(X, y, w_true, float(np.asarray(data["f_star"])))
+        return Problem(X, y, w_true, _f_star(data["f_star"]))
     if LOSS_KIND[name] == "logistic":
         w_star, f_star = solve_logistic(X, y, lam)
         return Problem(X, y, w_true, f_star, w_star)

@@ -1,131 +1,143 @@
 """A numpy-backed stand-in for cupy. THIS IS A MOCK, NOT CUPY.
 
 The machines this project is built and tested on have no GPU (and no cupy), so the GPU code
-paths (`rpd_mpi.backend`, `rpd_mpi.comm_gpu`, `--device cuda` in the runtime) are exercised
-against this module: tests/test_gpu_mock.py puts this folder first on `sys.path` /
-`PYTHONPATH` (or the module into `sys.modules`), and `benchmarks/gpu_check.py --dry-run`
-does the same. It proves the control flow, the copy sequences and the protocols, not CUDA:
-"device" arrays are host memory, streams and events run nothing asynchronously.
+paths (`rpd_mpi.mpi.backend`, `rpd_mpi.mpi.comm_gpu`, `--device cuda` in the runtime) run
+against this package: tests put tests/fakecupy first on `sys.path` / `PYTHONPATH`, and
+`benchmarks/gpu_check.py --dry-run` does the same. It checks control flow, copy sequences,
+protocols and stream ordering; it runs no CUDA and measures nothing about a GPU.
 
-What it provides: `ndarray` (an np.ndarray subclass of module "cupy", so that
-`kernels_lm.array_module` picks this module; it has no `__cuda_array_interface__`, so MPI
-sees host memory) with `.get(stream, out)` (D2H), `.set(arr, stream)` (H2D) and `.data`
-(a `MemoryPointer`); numpy's functions, their array results turned into `ndarray`;
-`asarray`/`asnumpy`; `cuda`: `is_available`, `Device`, `Stream`, `Event`,
-`get_current_stream`, `alloc_pinned_memory`, `Memory` (an mmap'd file under /dev/shm, so
-that another process can open its "IPC handle"), `MemoryPointer`, `UnownedMemory`, and
-`runtime` (`getDeviceCount`, `getDeviceProperties`, `ipcGetMemHandle`,
-`ipcOpenMemHandle`, `ipcCloseMemHandle`). Every copy, synchronisation and IPC call is
-appended to `calls` as a tuple (kind, ...), so tests can check what happened in what order.
+It is meant to be at least as strict as cupy 14 where the project's code can go wrong:
 
-Environment: FAKECUPY_GPUS = number of visible devices (default 1; 0 = no GPU).
+- device arrays (`_array.ndarray`) are not numpy arrays: no buffer protocol, `np.asarray`
+  and `__array__` raise (as cupy's do), numba cannot type them, and MPI given one fails
+  (mpi4py finds no buffer); only `get()` / `asnumpy` reach the host. Mixing a numpy array
+  into a device operation raises TypeError, as in cupy. FAKECUPY_CUDA_AWARE_MPI=1 exposes
+  `__cuda_array_interface__` (a CUDA-aware MPI), checking that no stream still uses it;
+- `get(stream, out, blocking)` / `set(arr, stream)` check type, dtype, shape and contiguity
+  with cupy's messages; `get` blocks unless blocking=False, and is asynchronous only into
+  pinned memory; `asarray` of a pinned host array is asynchronous;
+- streams and events keep clocks; copies run only when something waits for them, a
+  destination in pinned or IPC memory holds poison until then, and every access of device
+  or pinned memory is checked against the accesses of other streams (`HazardError`): see
+  _sched.py. The host reusing a pinned buffer before the copy that reads it was waited for
+  is caught when the copy runs or when the host sees it complete;
+- CUDA IPC: handles only for a plain `cuda.Memory`, never opened by the process that made
+  them, `UnownedMemory` over a mapping needs this process's device id; interprocess
+  events must disable timing (cupy raises otherwise).
+
+Every copy, synchronisation and IPC call is appended to `calls` as a tuple (kind, ...).
+Environment: FAKECUPY_GPUS = number of visible devices (default 1; 0 = no GPU);
+FAKECUPY_DIR = where `cuda.Memory` files go (default: the temporary folder).
 """
 
 from __future__ import annotations
 
-import atexit
-import ctypes
-import mmap
-import os
-import tempfile
+import sys
 import types
 from typing import Any
 
 import numpy as _np
 
+from cupy import cuda
+from cupy._array import NO_IMPLICIT, _new, call, h2d, ndarray
+from cupy._memory import addr, find_pinned, is_pinned, pool_alloc
+from cupy._sched import HazardError, calls, get_current_stream
+
 __version__ = "0.0+numpy-mock"
 MOCK = True
-calls: list[tuple] = []          # (kind, ...) of every device-related call, in order
-pinned_ranges: list[tuple[int, int]] = []      # (address, nbytes) of pinned host memory
+__all__ = ["HazardError", "MOCK", "NO_IMPLICIT", "addr", "asarray", "asnumpy", "calls",
+           "cuda", "find_pinned", "is_pinned", "ndarray"]
+
+_VIEWS = {"reshape", "transpose", "swapaxes", "squeeze", "ravel", "expand_dims",
+          "broadcast_to", "atleast_1d", "atleast_2d", "moveaxis", "diagonal"}
 
 
-def _log(*entry: Any) -> None:
-    calls.append(entry)
+def _to_device(a: Any, dtype: Any = None, order: Any = None, blocking: bool = False
+               ) -> ndarray:
+    host = _np.asarray(a, dtype=dtype, order=order or "K")
+    dev = _np.empty(host.shape, host.dtype)
+    out = _new(dev, pool_alloc(dev))
+    s = get_current_stream()
+    h2d(out, host, s, "an H2D copy (asarray)")
+    if blocking:
+        s.synchronize()
+    return out
 
 
-def _addr(a: _np.ndarray) -> int:
-    return int(a.__array_interface__["data"][0])
+def asarray(a: Any, dtype: Any = None, order: Any = None, *, copy: Any = None,
+            blocking: bool = False) -> ndarray:
+    """A device array of a (a itself when it already is one of that dtype). From host
+    memory the copy is on the current stream: from pinned memory it runs later."""
+    if isinstance(a, ndarray):
+        if copy:
+            return a.astype(dtype or a.dtype)
+        return a if dtype is None or _np.dtype(dtype) == a.dtype else a.astype(dtype)
+    return _to_device(a, dtype, order, blocking)
 
 
-def is_pinned(a: _np.ndarray) -> bool:
-    """Does the host array a lie in memory from `cuda.alloc_pinned_memory`?"""
-    p = _addr(a)
-    return any(lo <= p and p + a.nbytes <= lo + n for lo, n in pinned_ranges)
+def array(obj: Any, dtype: Any = None, copy: bool = True, order: str = "K", ndmin: int = 0,
+          *, blocking: bool = False) -> ndarray:
+    if isinstance(obj, ndarray):
+        return obj.astype(dtype or obj.dtype) if copy else asarray(obj, dtype)
+    return _to_device(_np.array(obj, dtype=dtype, order=order, ndmin=ndmin), None, None,
+                      blocking)
 
 
-class ndarray(_np.ndarray):
-    """A "device" array: host memory that says it is cupy's."""
-
-    def __new__(cls, shape: Any, dtype: Any = float, memptr: MemoryPointer | None = None,
-                strides: Any = None, order: str = "C") -> ndarray:
-        if memptr is None:
-            return _np.ndarray.__new__(cls, shape, dtype, strides=strides, order=order)
-        return _np.ndarray.__new__(cls, shape, dtype, buffer=memptr.mem.buffer,
-                                   offset=memptr.ptr - memptr.mem.ptr, strides=strides,
-                                   order=order)
-
-    @property
-    def data(self) -> MemoryPointer:          # type: ignore[override]
-        return MemoryPointer(_Raw(_addr(self), self.nbytes), 0)
-
-    def get(self, stream: Any = None, order: str = "C", out: _np.ndarray | None = None,
-            blocking: bool = True) -> _np.ndarray:
-        """Device -> host."""
-        _log("d2h", _addr(self), None if out is None else _addr(out), _name(stream))
-        if out is None:
-            return _np.array(self.view(_np.ndarray), order=order)
-        out[...] = self.view(_np.ndarray)
-        return out
-
-    def set(self, arr: _np.ndarray, stream: Any = None) -> None:
-        """Host -> device."""
-        _log("h2d", _addr(arr), _addr(self), _name(stream))
-        self.view(_np.ndarray)[...] = arr
-
-
-def _device(x: Any) -> Any:
-    """numpy results as mock device arrays (recursively in tuples and lists)."""
-    if type(x) is _np.ndarray:
-        return x.view(ndarray)
-    if isinstance(x, tuple):
-        return tuple(_device(v) for v in x)
-    if isinstance(x, list):
-        return [_device(v) for v in x]
-    return x
-
-
-def __getattr__(name: str) -> Any:
-    obj = getattr(_np, name)
-    if isinstance(obj, (_np.ufunc, type, types.ModuleType)) or not callable(obj):
-        return obj
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        return _device(obj(*args, **kwargs))
-    wrapped.__name__ = name
-    return wrapped
-
-
-def asarray(a: Any, dtype: Any = None, order: Any = None) -> ndarray:
-    if isinstance(a, ndarray) and (dtype is None or _np.dtype(dtype) == a.dtype):
-        return a
-    return _np.array(a, dtype=dtype, order=order or "K").view(ndarray)
+def ascontiguousarray(a: Any, dtype: Any = None) -> ndarray:
+    if not isinstance(a, ndarray):
+        return _to_device(_np.ascontiguousarray(a, dtype=dtype))
+    if a._a.flags.c_contiguous and (dtype is None or _np.dtype(dtype) == a.dtype):
+        return a                                   # as cupy: the same object
+    return call(_np.ascontiguousarray, (a,), {"dtype": dtype}, "ascontiguousarray")
 
 
 def asnumpy(a: Any, stream: Any = None, order: str = "C", out: Any = None,
             blocking: bool = True) -> _np.ndarray:
     if isinstance(a, ndarray):
-        return a.get(stream=stream, order=order, out=out)
-    return _np.asarray(a)
+        return a.get(stream=stream, order=order, out=out, blocking=blocking)
+    return _np.asarray(a, order=order)
+
+
+def empty(shape: Any, dtype: Any = float, order: str = "C") -> ndarray:
+    return ndarray(shape, dtype, order=order)
+
+
+def empty_like(a: Any, dtype: Any = None, order: str = "K", subok: Any = None,
+               shape: Any = None) -> ndarray:
+    return ndarray(a.shape if shape is None else shape, dtype or a.dtype)
 
 
 def get_array_module(*args: Any) -> Any:
-    import sys
     return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else _np
+
+
+class ufunc:
+    """A numpy ufunc as a device kernel (with `at`, `reduce`, `outer`, `accumulate`)."""
+
+    def __init__(self, uf: _np.ufunc) -> None:
+        self._u, self.__name__ = uf, uf.__name__
+        self.nin, self.nout = uf.nin, uf.nout
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return call(self._u, args, kwargs, self.__name__)
+
+    def at(self, a: ndarray, indices: Any, b: Any = None) -> None:
+        call(self._u.at, (a, indices) + (() if b is None else (b,)), {},
+             f"{self.__name__}.at", writes=(a,))
+
+    def reduce(self, *args: Any, **kwargs: Any) -> Any:
+        return call(self._u.reduce, args, kwargs, f"{self.__name__}.reduce")
+
+    def accumulate(self, *args: Any, **kwargs: Any) -> Any:
+        return call(self._u.accumulate, args, kwargs, f"{self.__name__}.accumulate")
+
+    def outer(self, *args: Any, **kwargs: Any) -> Any:
+        return call(self._u.outer, args, kwargs, f"{self.__name__}.outer")
 
 
 class _Pool:
     def free_all_blocks(self) -> None:
-        _log("free_all_blocks")
+        cuda.log("free_all_blocks")
 
 
 def get_default_memory_pool() -> _Pool:
@@ -136,177 +148,24 @@ def get_default_pinned_memory_pool() -> _Pool:
     return _Pool()
 
 
-# ----- cuda ------------------------------------------------------------------------------------
-
-def _name(stream: Any) -> str:
-    return "null" if stream is None else getattr(stream, "name", "?")
+_CACHE: dict[str, Any] = {}
 
 
-class _Raw:
-    """Memory at an address of this process (an array's data)."""
+def __getattr__(name: str) -> Any:
+    """numpy's other functions as device kernels; types, constants and modules as numpy's."""
+    if name.startswith("__") or name in ("testing", "random", "linalg", "fft"):
+        raise AttributeError(name)
+    if name in _CACHE:
+        return _CACHE[name]
+    obj = getattr(_np, name)
+    if isinstance(obj, _np.ufunc):
+        _CACHE[name] = ufunc(obj)
+    elif isinstance(obj, (type, types.ModuleType)) or not callable(obj):
+        return obj
+    else:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            return call(obj, args, kwargs, name, view_op=name in _VIEWS)
+        wrapped.__name__ = name
+        _CACHE[name] = wrapped
+    return _CACHE[name]
 
-    def __init__(self, ptr: int, size: int) -> None:
-        self.ptr, self.size, self.buffer = ptr, size, None
-
-
-class Memory:
-    """cudaMalloc: an mmap'd file under /dev/shm, so another process can map it (IPC)."""
-
-    def __init__(self, size: int) -> None:
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self.path = tempfile.mkstemp(prefix="fakecupy-", dir=folder)
-        os.ftruncate(fd, max(size, 1))
-        self.buffer = mmap.mmap(fd, max(size, 1))
-        os.close(fd)
-        self.size = size
-        self.ptr = _addr(_np.frombuffer(self.buffer, _np.uint8))
-        _ALLOCS[self.ptr] = self
-        atexit.register(_unlink, self.path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-_ALLOCS: dict[int, Memory] = {}          # base address -> allocation made here
-_OPENED: dict[int, mmap.mmap] = {}       # base address -> mapping of a peer's allocation
-
-
-class UnownedMemory:
-    def __init__(self, ptr: int, size: int, owner: Any, device_id: int | None = None) -> None:
-        self.ptr, self.size, self.owner = ptr, size, owner
-        self.buffer = _OPENED[ptr] if ptr in _OPENED else _ALLOCS[ptr].buffer
-
-
-class MemoryPointer:
-    def __init__(self, mem: Any, offset: int) -> None:
-        self.mem, self.ptr = mem, mem.ptr + offset
-
-    def copy_from_device_async(self, src: MemoryPointer, size: int, stream: Any = None
-                               ) -> None:
-        _log("d2d", src.ptr, self.ptr, size, _name(stream))
-        ctypes.memmove(self.ptr, src.ptr, size)
-
-
-class _PinnedMemory(bytearray):
-    """Page-locked host memory (here: a bytearray), with its address."""
-
-
-def alloc_pinned_memory(nbytes: int) -> _PinnedMemory:
-    mem = _PinnedMemory(nbytes)
-    ptr = _addr(_np.frombuffer(mem, _np.uint8)) if nbytes else 0
-    pinned_ranges.append((ptr, nbytes))
-    _log("pinned", ptr, nbytes)
-    return mem
-
-
-class Stream:
-    _count = 0
-
-    def __init__(self, null: bool = False, non_blocking: bool = False, ptds: bool = False
-                 ) -> None:
-        Stream._count += 1
-        self.name = "null" if null else f"stream{Stream._count}"
-        self.ptr = 0 if null else Stream._count
-
-    def synchronize(self) -> None:
-        _log("stream_sync", self.name)
-
-    def wait_event(self, event: Event) -> None:
-        _log("wait_event", self.name, event.id)
-
-    def use(self) -> Stream:
-        return self
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-class Event:
-    _count = 0
-
-    def __init__(self, block: bool = False, disable_timing: bool = False,
-                 interprocess: bool = False) -> None:
-        Event._count += 1
-        self.id = Event._count
-
-    def record(self, stream: Stream | None = None) -> None:
-        _log("record", self.id, _name(stream))
-
-    def synchronize(self) -> None:
-        _log("event_sync", self.id)
-
-    def query(self) -> bool:
-        return True
-
-
-_NULL = Stream(null=True)
-
-
-def get_current_stream() -> Stream:
-    return _NULL
-
-
-def _visible() -> int:
-    return int(os.environ.get("FAKECUPY_GPUS", "1"))
-
-
-class Device:
-    current = 0
-
-    def __init__(self, device: int | None = None) -> None:
-        self.id = Device.current if device is None else int(device)
-
-    def use(self) -> None:
-        if not 0 <= self.id < _visible():
-            raise RuntimeError(f"cudaErrorInvalidDevice: device {self.id}")
-        Device.current = self.id
-        _log("use_device", self.id)
-
-    def synchronize(self) -> None:
-        _log("device_sync", self.id)
-
-
-def _get_mem_handle(ptr: int) -> bytes:
-    if ptr not in _ALLOCS:        # like CUDA: the base of a cudaMalloc, not a pool slice
-        raise RuntimeError("cudaErrorInvalidValue: not the base of an allocation")
-    _log("ipc_get", ptr)
-    return _ALLOCS[ptr].path.encode()
-
-
-def _open_mem_handle(handle: bytes, flags: int = 1) -> int:
-    path = handle.decode()
-    fd = os.open(path, os.O_RDWR)
-    try:
-        mapping = mmap.mmap(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-    ptr = _addr(_np.frombuffer(mapping, _np.uint8))
-    _OPENED[ptr] = mapping
-    _log("ipc_open", ptr)
-    return ptr
-
-
-def _close_mem_handle(ptr: int) -> None:
-    _log("ipc_close", ptr)
-    _OPENED.pop(ptr)
-
-
-runtime = types.SimpleNamespace(
-    getDeviceCount=_visible,
-    getDeviceProperties=lambda i: {"name": b"FakeGPU (numpy mock)", "totalGlobalMem": 0},
-    runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0,
-    ipcGetMemHandle=_get_mem_handle, ipcOpenMemHandle=_open_mem_handle,
-    ipcCloseMemHandle=_close_mem_handle)
-
-cuda = types.SimpleNamespace(
-    is_available=lambda: _visible() > 0, runtime=runtime, Device=Device, Stream=Stream,
-    Event=Event, get_current_stream=get_current_stream, Memory=Memory,
-    MemoryPointer=MemoryPointer, UnownedMemory=UnownedMemory,
-    alloc_pinned_memory=alloc_pinned_memory)

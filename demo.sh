@@ -8,12 +8,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q -e . >/dev/null
+.venv/bin/python -m pip install -q -e '.[mpich]' >/dev/null
 out=results/demo
 mkdir -p "$out"
 common=(--objective logistic --stages 4 --dim 64 --examples 400 --batch-size 10
         --microbatches 160 --eval-every 4 --seed 1 --op-cost 0.002 "$@")
-run() { jobs/local.sh 4 "${common[@]}" --json --force "$@" >/dev/null; }   # its own ledgers
+run() {    # its own ledgers: --force; progress lines go to stderr as each run goes
+    echo "demo: mpiexec -n 4 rpd-mpi train $*" >&2
+    jobs/local.sh 4 "${common[@]}" --json --force "$@" >/dev/null
+}
 run --method pd --lr 0.25 --out "$out/pd.h5"
 run --method pd --order dynamic --lr 0.25 --out "$out/pd-dynamic.h5"
 run --method localsgd --trajectories 4 --local-steps 5 --lr 1.0 --out "$out/localsgd.h5"

@@ -2,7 +2,11 @@
 # The project's test command (README). Needs only python3 (3.10+):
 #   ./test.sh              serial tests, then tests/mpi under mpiexec -n 2 and -n 4
 #   ./test.sh -k ledger    extra arguments go to every pytest phase
-# Creates .venv and installs '.[test]' when needed (again only when pyproject.toml changes).
+# Creates .venv and installs '.[test,mpich]' when needed (again only when pyproject.toml
+# changes); the mpich extra is the PyPI MPI runtime (mpiexec in .venv/bin).
+# Run as root, tests/test_slurm.py also apt-get installs slurm-wlm and munge (once; they stay
+# installed) and runs munged, slurmctld and slurmd from a temporary folder for the length of
+# that module (tests/slurm_node.sh; stopped at its teardown). RPD_SKIP_SLURM=1 ./test.sh skips it.
 # Rank 0 of each MPI phase prints here; ranks > 0 log to .test-logs/mpi-n<N>-rank<r>.log.
 # The last line comes from tests/summarize.py: "N passed, N failed, N skipped"; the exit
 # status is nonzero if any test failed, any phase failed, or a phase left no JUnit XML.
@@ -22,7 +26,7 @@ install() {
     local stamp=$VENV/.test-sh-installed want
     want=$(cksum <pyproject.toml)
     [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && return 0
-    "$PY" -m pip install -q -e '.[test]' || return 1
+    "$PY" -m pip install -q -e '.[test,mpich]' || return 1
     echo "$want" >"$stamp"
 }
 

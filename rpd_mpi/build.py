@@ -20,6 +20,7 @@ from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.engines.rpd import RPDPlan, rpd_plan, simulate_rpd
 from rpd_mpi.engines.sim import simulate
 from rpd_mpi.ledger import LedgerError, read_arrays, read_run
+from rpd_mpi.ledger.provenance import provenance
 from rpd_mpi.ledger.run_file import array_shape
 from rpd_mpi.objectives import build_model
 from rpd_mpi.objectives.charlm import build_charlm
@@ -151,7 +152,7 @@ def simulate_run(cfg: RunConfig, model: Model | None = None, run_id: str = "") -
     else:
         trace = simulate(tl, model, cfg.lr, groups=cfg.schedule.groups,
                          eval_every=cfg.eval_every,
-                         progress=Progress(tl.slots, what="slots").tick,
+                         progress=Progress(tl.slots, not cfg.quiet, what="slots").tick,
                          diverge_factor=cfg.diverge_factor)
         delta = int(trace.updates.delays.max()) if len(trace.updates) else 0
     return to_record(cfg, model, trace, tl, engine="sim", delta=delta, run_id=run_id)
@@ -171,7 +172,8 @@ def _rpd(cfg: RunConfig, model: Model, tl: Timeline) -> tuple[Trace, int]:
     setup = rpd_setup(cfg, model, tl)
     return simulate_rpd(model, cfg.lr, setup.plan, delta=setup.delta, clock=setup.clock,
                         eval_every=cfg.eval_every,
-                        progress=Progress(setup.plan.stage.size, what="updates").tick,
+                        progress=Progress(setup.plan.stage.size, not cfg.quiet,
+                                         what="updates").tick,
                         diverge_factor=cfg.diverge_factor), setup.delta
 
 
@@ -217,6 +219,7 @@ def to_record(cfg: RunConfig, model: Model, trace: Trace, tl: Timeline | None, *
     """Wrap an engine's trace with the attributes every ledger carries (docs/DESIGN.md 5)."""
     sch = cfg.schedule
     attrs = {
+        **provenance(),             # created, git_commit, command_line, versions, Slurm ids
         "method": sch.method, "stages": sch.stages, "groups": sch.groups,
         "trajectories": sch.trajectories, "local_steps": sch.local_steps,
         "noam": tl.noam if tl is not None else sch.noam,

@@ -1,21 +1,27 @@
-"""The `rpd-mpi` command line (docs/DESIGN.md 6): simulate, train, schedule, delays, report.
+"""The `rpd-mpi` command line (docs/DESIGN.md 6): simulate, train, schedule, delays, report,
+experiment, tool, export; `--version`.
 
 The run flags and their mapping onto the `RunConfig` tree are in `rpd_mpi.flags`; what each
-subcommand does is in `rpd_mpi.commands`; `rpd_mpi.entry` is the console script. Every bad value ends in one line
-`rpd-mpi: error: --flag: what is allowed (got ...)` and exit code 2, before any work starts
-and before any ledger file is created.
+subcommand does is in `rpd_mpi.commands`; `rpd_mpi.entry` is the console script. Every bad
+value ends in one line `rpd-mpi: error: --flag: what is allowed (got ...)` and exit code 2,
+before any work starts and before any ledger file is created. `simulate/train --print-config`
+prints the effective configuration as TOML and exits 0 without running. `experiment`, `tool`
+and `export` hand their arguments to the module that does the work; `rpd-mpi tool` (or
+`--help`) lists the tools, `rpd-mpi experiment` the experiments.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
+import re
 import sys
 from typing import Any, Sequence
 
-from rpd_mpi import commands
+from rpd_mpi import __version__, commands
 from rpd_mpi.config import ConfigError
-from rpd_mpi.flags import FLAGS, TRAIN_FLAGS, add_run_flags, typed
+from rpd_mpi.flags import ALL_FLAGS, FLAGS, add_run_flags, config_from, effective_toml, typed
 
 #: Where launchers put a process's rank (MPICH/Hydra, PMIx, Open MPI, Intel MPI, Slurm).
 RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID",
@@ -30,7 +36,20 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        fail(message)
+        # "argument --stages: must be ..." -> "--stages: must be ..." (the documented form)
+        fail(re.sub(r"^argument (--[\w-]+): ", r"\1: ", message))
+
+
+#: Subcommands whose arguments go, unparsed, to the module that does the work.
+PASS_THROUGH = ("experiment", "tool", "export")
+
+
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    try:
+        return importlib.metadata.version("rpd_mpi")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
 
 
 def launch_rank() -> int | None:
@@ -53,13 +72,18 @@ def fail(message: str) -> None:
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rpd-mpi", description="Pipeline-parallel training on MPI ranks: "
                 "PipeDream, Randomized PipeDream, LocalSGD; HDF5 ledgers of every update.")
+    p.add_argument("--version", action="version", version=f"rpd-mpi {version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sim = sub.add_parser("simulate", help="run the unit-time simulator (one process)")
-    add_run_flags(sim, FLAGS)
-    sim.add_argument("--json", action="store_true", help="print the summary as JSON")
-    train = sub.add_parser("train", help="run on MPI ranks (under mpiexec/srun)")
-    add_run_flags(train, {**FLAGS, **TRAIN_FLAGS})
-    train.add_argument("--json", action="store_true", help="print the summary as JSON")
+    for name, table, text in (
+            ("simulate", FLAGS, "run the unit-time simulator (one process)"),
+            ("train", ALL_FLAGS, "run on MPI ranks (under mpiexec/srun)")):
+        run = sub.add_parser(name, help=text, description=text)
+        groups = add_run_flags(run, table)
+        groups["output"].add_argument("--json", action="store_true",
+                                      help="print the summary as JSON")
+        groups["output"].add_argument("--print-config", action="store_true",
+                                      help="print the effective configuration as TOML (what "
+                                           "--config reads) and exit without running")
     sch = sub.add_parser("schedule", help="print a timeline grid")
     _schedule_flags(sch)
     sch.add_argument("--json", action="store_true", help="kind/mb grids as JSON")
@@ -69,11 +93,12 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="summary of ledgers (several: a comparison table)")
     rep.add_argument("ledgers", nargs="+", help="run.h5 files written by simulate or train")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
-    for name, text in (("experiment", "run a paper experiment preset (rpd_mpi.experiments)"),
-                       ("tool", "run an analysis tool of rpd_mpi.analysis (delays_vs_s, "
-                                "curves, ...)")):
+    for name, text in (("experiment", "run a paper experiment preset (rpd-mpi experiment: "
+                                      "the list)"),
+                       ("tool", "run an analysis tool (rpd-mpi tool: the list)"),
+                       ("export", "write a ledger's tables as CSV or Parquet (rpd-mpi export "
+                                  "--help)")):
         t = sub.add_parser(name, help=text, add_help=False)
-        t.add_argument("name", help="experiment (E1..E6) or tool module name")
         t.add_argument("rest", nargs=argparse.REMAINDER, help="its own arguments")
     return p
 
@@ -86,9 +111,22 @@ def _schedule_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] and argv[0] in PASS_THROUGH:
+            return commands.pass_through(argv[0], argv[1:])
+        args = parser().parse_args(argv)
+        if getattr(args, "print_config", False):
+            return print_config(args)
         return commands.run(args)
     except ConfigError as err:
         fail(str(err))
     return 2
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """`--print-config`: the validated configuration as TOML on stdout (rank 0 of a launch)."""
+    cfg = config_from(args, FLAGS if args.command == "simulate" else ALL_FLAGS)
+    if launch_rank() in (None, 0):
+        print(effective_toml(cfg, args.command), end="")
+    return 0

@@ -7,12 +7,15 @@ Every `--json` output is one object on stdout.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import os
 import sys
 from typing import Callable
 
 from rpd_mpi import analysis, jsonout
+from rpd_mpi.budget import check_timeline
 from rpd_mpi.build import build, simulate_run
 from rpd_mpi.config import ConfigError, ScheduleConfig
 from rpd_mpi.experiments import registry
@@ -95,6 +98,8 @@ def _schedule_config(args: argparse.Namespace, default_n: Callable[[int], int]) 
 
 
 def _timeline(sch: ScheduleConfig) -> Timeline:
+    check_timeline("--microbatches", sch.microbatches, sch.method, sch.stages,
+                   sch.microbatches, sch.noam, sch.trajectories, sch.local_steps, sch.flush)
     return generate(sch.method, sch.stages, sch.microbatches, noam=sch.noam,
                     trajectories=sch.trajectories, local_steps=sch.local_steps,
                     flush=sch.flush)
@@ -143,18 +148,66 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = ("-h", "--help")
+EXPORT_MODULE = "rpd_mpi.analysis.export"
+
+
 def cmd_external(args: argparse.Namespace) -> int:
     """`experiment NAME ...` and `tool NAME ...`: `rpd_mpi.experiments` and `rpd_mpi.analysis`."""
-    if args.command == "experiment":
-        return int(registry.main([args.name, *args.rest]) or 0)
-    if args.name not in analysis.TOOLS:
-        raise ConfigError("tool", f"no tool {args.name!r}; tools: {', '.join(analysis.TOOLS)}")
-    module = importlib.import_module(f"rpd_mpi.analysis.{args.name}")
-    return int(module.main(list(args.rest)) or 0)
+    return pass_through(args.command, [args.name, *args.rest])
+
+
+def pass_through(command: str, argv: list[str]) -> int:
+    """`experiment`, `tool` and `export`: their argv goes to the module that does the work.
+    `experiment` / `tool` without a name (or with only --help) print the list of names."""
+    if command == "export":
+        if importlib.util.find_spec(EXPORT_MODULE) is None:
+            raise ConfigError("export", "not available in this version of rpd_mpi")
+        return int(importlib.import_module(EXPORT_MODULE).main(argv) or 0)
+    names = dict(experiment_lines()) if command == "experiment" else dict(tool_lines())
+    if not argv or argv[0] in HELP:
+        print(listing(command, names))
+        return 0
+    if argv[0] not in names:
+        raise ConfigError(command, f"no {command} {argv[0]!r}; {command}s: {', '.join(names)}")
+    if command == "experiment":
+        return int(registry.main(argv) or 0)
+    return int(importlib.import_module(f"rpd_mpi.analysis.{argv[0]}").main(argv[1:]) or 0)
+
+
+def listing(command: str, names: dict[str, str]) -> str:
+    """The help of `rpd-mpi tool` / `rpd-mpi experiment`: usage, then one line per name."""
+    width = max(map(len, names))
+    lines = [f"  {name:{width}}  {text}" for name, text in names.items()]
+    return (f"usage: rpd-mpi {command} NAME [ARGS ...]    (rpd-mpi {command} NAME --help: its "
+            f"arguments)\n\n{command}s:\n" + "\n".join(lines))
+
+
+def tool_lines() -> list[tuple[str, str]]:
+    """(name, first docstring line) of every tool, read from its source (nothing runs)."""
+    return [(name, _first_doc_line(f"{analysis.__name__}.{name}")) for name in analysis.TOOLS]
+
+
+def experiment_lines() -> list[tuple[str, str]]:
+    return [*((name, title) for name, (title, _) in registry.REGISTRY.items()),
+            ("all", f"{registry.NAMES[0]}..{registry.NAMES[4]} in turn")]
+
+
+def _first_doc_line(module: str) -> str:
+    """The module docstring's first sentence (its first line + "..." when that is long)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return "(not found)"
+    with open(spec.origin, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    paragraph = doc.strip().split("\n\n")[0]
+    sentence = " ".join(paragraph.split()).split(". ")[0]
+    if len(sentence) <= 100:
+        return sentence
+    return paragraph.splitlines()[0].rstrip() + " ..."
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulate": cmd_simulate, "train": cmd_train, "schedule": cmd_schedule,
-    "delays": cmd_delays, "report": cmd_report, "experiment": cmd_external,
-    "tool": cmd_external,
+    "delays": cmd_delays, "report": cmd_report,
 }

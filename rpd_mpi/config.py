@@ -3,12 +3,14 @@
 Every invalid value raises `ConfigError(flag, message)` naming the command-line flag and the
 allowed values, so that every rank can validate identically before any message is sent.
 `RunConfig.to_dict()` is what each ledger stores verbatim; `RunConfig.from_dict` reads it
-back (and reads TOML config files, whose keys are the section/field names below).
+back (and reads TOML config files, whose keys are the section/field names below);
+`toml_text` writes such a tree as TOML (what `--print-config` prints).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -250,6 +252,7 @@ class RunConfig:
     diverge_factor: float = 1e6   # a loss above this x the first one is divergence (0: off)
     max_memory: float | None = None   # GiB a run may need (rpd_mpi.budget); None = what the
     #                                   machine has available, 0 = no check
+    quiet: bool = False           # no progress lines
 
     def __post_init__(self) -> None:
         _positive("--lr", self.lr)
@@ -260,6 +263,8 @@ class RunConfig:
         _text("--out", self.out)
         if not isinstance(self.force, bool):
             raise ConfigError("--force", f"must be true or false (got {self.force!r})")
+        if not isinstance(self.quiet, bool):
+            raise ConfigError("--quiet", f"must be true or false (got {self.quiet!r})")
         if not isinstance(self.diverge_factor, (int, float)) or \
                 isinstance(self.diverge_factor, bool) or not 0 <= self.diverge_factor < math.inf:
             raise ConfigError("--diverge-factor", f"must be a finite number >= 0 (0 = only "
@@ -360,3 +365,32 @@ def _build(kind: type, values: dict[str, Any], section: str) -> Any:
         raise ConfigError(f"[{section}] {sorted(unknown)[0]}",
                           f"unknown key; allowed: {', '.join(sorted(names))}")
     return kind(**values)
+
+
+def toml_text(tree: dict[str, Any]) -> str:
+    """A `RunConfig.to_dict()` tree as TOML: top-level keys, then one table per section.
+    None (unset: the default applies) is left out; floats are written with `repr`, which
+    reads back to the same float, so the file reproduces the configuration exactly."""
+    top = [f"{k} = {_toml_value(k, v)}" for k, v in tree.items()
+           if not isinstance(v, dict) and v is not None]
+    lines = [*top]
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(k, v)}" for k, v in value.items()
+                                         if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(key: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return repr(value)
+    if isinstance(value, str):
+        # a TOML basic string: JSON's escapes are TOML's, but TOML also escapes DEL
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    raise ConfigError(key, f"cannot be written as TOML (got {value!r})")

@@ -1,10 +1,14 @@
 """The run flags of `simulate` and `train`, one to one onto the `RunConfig` tree.
 
 `FLAGS` and `TRAIN_FLAGS` map each flag to (section, field, type, help); `add_run_flags`
-puts them on a parser and `config_from` builds the validated configuration: defaults, then
-a TOML file given with `--config`, then explicit flags. Relative paths in the TOML file
-(data, delays_from, out) are relative to its folder; a bad value that came from it is named
-as `--config FILE: [section] key`.
+puts them on a parser, in argument groups (`GROUPS`: schedule, RPD, LocalSGD, objective,
+runtime, output) with the allowed values of choice flags in their metavar (`CHOICES`), and
+`config_from` builds the validated configuration: defaults, then the file given with
+`--config`, then explicit flags. That file is TOML, or a ledger (`.h5`), whose stored
+configuration is taken as it was run. Relative paths in a TOML file (data, delays_from, out)
+are relative to its folder; a bad value that came from the file is named as
+`--config FILE: [section] key`. `effective_toml` is what `--print-config` prints: a TOML file
+that `--config` reads back into the same configuration.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-from rpd_mpi.config import (DELAY_SOURCES, METHODS, OBJECTIVES, ORDERS, TRANSPORTS, ConfigError,
-                            RunConfig)
+from rpd_mpi.config import (DELAY_SOURCES, DEVICES, METHODS, OBJECTIVES, ORDERS, TRANSPORTS,
+                            WAITS, ConfigError, RunConfig, toml_text)
+from rpd_mpi.ledger import LedgerError, read_run
 
 #: flag -> (section or "" for top level, field, type, help)
 FlagTable = dict[str, tuple[str, str, type, str]]
 
 FLAGS: FlagTable = {
-    "--method": ("schedule", "method", str, f"one of {', '.join(METHODS)}"),
+    "--method": ("schedule", "method", str, "the schedule (pd, localsgd, gpipe, naive) or "
+                 "the RPD algorithm (rpd)"),
     "--stages": ("schedule", "stages", int, "pipeline stages S (one MPI rank each)"),
     "--microbatches": ("schedule", "microbatches", int, "microbatches N"),
     "--noam": ("schedule", "noam", int, "max microbatches in flight (PD; 0 = S)"),
@@ -36,10 +42,11 @@ FLAGS: FlagTable = {
     "--flush": ("schedule", "flush", int, "GPipe flush size (0 = S)"),
     "--budget-slots": ("schedule", "budget_slots", int, "slot budget T (0 = none)"),
     "--delta": ("rpd", "delta", int, "RPD delay bound (default S^2 - S/2)"),
-    "--delay-source": ("rpd", "delay_source", str, f"one of {', '.join(DELAY_SOURCES)}"),
+    "--delay-source": ("rpd", "delay_source", str, "where RPD's delays come from (random "
+                       "up to --delta, all --delta, none, a PD clock, a ledger)"),
     "--updates": ("rpd", "updates", int, "RPD block updates K (0 = as many as PD)"),
     "--delays-from": ("rpd", "delays_from", str, "ledger whose delays RPD replays"),
-    "--objective": ("objective", "name", str, f"one of {', '.join(OBJECTIVES)}"),
+    "--objective": ("objective", "name", str, "the model and loss"),
     "--data": ("objective", "data", str, ".npz/.h5 file with X, y [, w_true, f_star]; "
                "charlm: a UTF-8 text file"),
     "--dim": ("objective", "dim", int, "parameters d"),
@@ -64,17 +71,19 @@ FLAGS: FlagTable = {
     "--max-memory": ("", "max_memory", float, "GiB of memory the run may need, estimated "
                      "before it starts (default: what the machine has available; 0 = no "
                      "check)"),
+    "--quiet": ("", "quiet", bool, "no progress lines"),
 }
 TRAIN_FLAGS: FlagTable = {
-    "--order": ("runtime", "order", str, f"one of {', '.join(ORDERS)}"),
-    "--device": ("runtime", "device", str, "cpu or cuda"),
-    "--wait": ("runtime", "wait", str, "auto, spin or polite"),
+    "--order": ("runtime", "order", str, "static: the simulator's order of operations; "
+                "dynamic: 1F1B on what has arrived"),
+    "--device": ("runtime", "device", str, "where the stages compute"),
+    "--wait": ("runtime", "wait", str, "how a waiting rank waits (auto: spin unless the "
+               "node is oversubscribed)"),
     "--timeout": ("runtime", "timeout", float, "seconds a receive may wait"),
     "--op-cost": ("runtime", "op_cost", float, "seconds each F/B is held (emulation)"),
     "--fault": ("runtime", "fault", str, "testing aid: raise:RANK:OP or stall:RANK:OP"),
-    "--transport": ("runtime", "transport", str, f"cuda: one of {', '.join(TRANSPORTS)} "
-                    "(pinned host staging, device buffers to a CUDA-aware MPI, CUDA IPC "
-                    "between ranks of one node)"),
+    "--transport": ("runtime", "transport", str, "cuda: pinned host staging, device "
+                    "buffers to a CUDA-aware MPI, or CUDA IPC between ranks of one node"),
     "--gpu-aware-mpi": ("runtime", "gpu_aware_mpi", bool, "cuda: the MPI library is "
                         "CUDA-aware (checked where the library says; needs --transport direct)"),
     "--gpus-per-node": ("runtime", "gpus_per_node", int, "cuda: devices per node; rank -> "
@@ -85,32 +94,73 @@ TRAIN_FLAGS: FlagTable = {
 
 ALL_FLAGS: FlagTable = {**FLAGS, **TRAIN_FLAGS}
 
+#: The allowed values of the choice flags (shown as their metavar; checked by RunConfig).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "--method": METHODS, "--delay-source": DELAY_SOURCES, "--objective": OBJECTIVES,
+    "--order": ORDERS, "--device": DEVICES, "--wait": WAITS, "--transport": TRANSPORTS,
+}
+
+#: The help groups of the run flags, in order: (title, description, flags).
+GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("schedule", "[schedule] which pipeline schedule, how many stages and microbatches",
+     ("--method", "--stages", "--microbatches", "--noam", "--flush", "--budget-slots")),
+    ("RPD", "[rpd] Randomized PipeDream (--method rpd)",
+     ("--delta", "--delay-source", "--updates", "--delays-from")),
+    ("LocalSGD", "[schedule] LocalSGD (--method localsgd)",
+     ("--trajectories", "--groups", "--local-steps")),
+    ("objective", "[objective] the model and its data; top level: step size and seed",
+     ("--objective", "--data", "--dim", "--examples", "--batch-size", "--noise", "--mu",
+      "--lam", "--width", "--heads", "--context", "--lr", "--seed")),
+    ("runtime", "[runtime] how the MPI ranks run (train); top level: safety limits",
+     ("--order", "--device", "--wait", "--timeout", "--op-cost", "--fault", "--transport",
+      "--gpu-aware-mpi", "--gpus-per-node", "--diverge-factor", "--max-memory")),
+    ("output", "the ledger and what is printed",
+     ("--out", "--force", "--eval-every", "--quiet")),
+)
+
 
 def typed(kind: type, flag: str) -> Callable[[str], Any]:
+    """An argparse type; its message leaves the flag to argparse ("argument --x: ...")."""
     def convert(text: str) -> Any:
         try:
             return kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{flag}: must be {'an integer' if kind is int else 'a number'} "
+                f"must be {'an integer' if kind is int else 'a number'} "
                 f"(got {text!r})") from None
     return convert
 
 
-def add_run_flags(p: argparse.ArgumentParser, table: FlagTable) -> None:
-    p.add_argument("--config", help="TOML file with [schedule], [rpd], [objective], "
-                   "[runtime] sections and top-level lr, seed, eval_every, out, max_memory; "
-                   "flags win; relative paths in it (data, delays_from, out) are relative to "
-                   "its folder")
+Groups = dict[str, "argparse._ArgumentGroup"]
+
+
+def add_run_flags(p: argparse.ArgumentParser, table: FlagTable) -> Groups:
+    """The flags of `table` (and --config) on p, in the `GROUPS` it uses; returns the groups
+    by title, so that a caller can add its own flags to one (`--json` to output)."""
+    p.add_argument("--config", metavar="FILE", help="a TOML file with [schedule], [rpd], "
+                   "[objective], [runtime] sections and top-level lr, seed, eval_every, out, "
+                   "...; relative paths in it (data, delays_from, out) are relative to its "
+                   "folder; or a ledger run.h5: the configuration it was run with. Flags win")
     defaults = RunConfig()
-    for flag, (section, name, kind, text) in table.items():
+    groups: Groups = {}
+    for title, description, flags in GROUPS:
+        if any(flag in table for flag in flags):
+            groups[title] = p.add_argument_group(title, description)
+    placed = {flag: groups[title] for title, _, flags in GROUPS for flag in flags
+              if title in groups}
+    order = [flag for _, _, flags in GROUPS for flag in flags if flag in table]
+    for flag in [*order, *(f for f in table if f not in order)]:
+        section, name, kind, text = table[flag]
+        where: Any = placed.get(flag, p)
         default = getattr(getattr(defaults, section) if section else defaults, name)
         shown = f" (default {default})" if default not in ("", None) else ""
         if kind is bool:          # a switch: given = True, absent = the config's value
-            p.add_argument(flag, action="store_const", const=True, default=None, help=text)
+            where.add_argument(flag, action="store_const", const=True, default=None, help=text)
             continue
-        p.add_argument(flag, type=typed(kind, flag) if kind is not str else str,
-                       default=None, help=text + shown)
+        metavar = "{" + ",".join(CHOICES[flag]) + "}" if flag in CHOICES else None
+        where.add_argument(flag, type=typed(kind, flag) if kind is not str else str,
+                           default=None, metavar=metavar, help=text + shown)
+    return groups
 
 
 #: TOML keys holding paths: relative ones are relative to the TOML file's folder.
@@ -122,7 +172,7 @@ def config_from(args: argparse.Namespace, table: FlagTable) -> RunConfig:
     """Defaults < TOML file < command-line flags, validated. An error in a value that came
     from the TOML file names the file and the key, not the flag."""
     path = getattr(args, "config", None)
-    tree: dict[str, Any] = read_toml(path) if path else {}
+    tree: dict[str, Any] = read_config(path) if path else {}
     given = set()
     for flag, (section, name, _, _) in table.items():
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -147,6 +197,49 @@ def _in_toml(err: ConfigError, path: str, tree: dict[str, Any]) -> ConfigError:
             return err                 # a default or a flag caused it: the flag name stands
         where = f"[{section}] {name}" if section else name
     return ConfigError(f"--config {path}", f"{where}: {err.message}")
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The configuration tree of `--config FILE`: a ledger's stored one, else TOML."""
+    return read_ledger_config(path) if is_ledger(path) else read_toml(path)
+
+
+def is_ledger(path: str) -> bool:
+    """An HDF5 file (by its signature, else by a .h5/.hdf5 name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return path.endswith((".h5", ".hdf5"))
+
+
+def read_ledger_config(path: str) -> dict[str, Any]:
+    """The configuration a ledger was run with, as stored (paths as they were given then);
+    keys left unset (None) are dropped, so that they take their defaults again."""
+    try:
+        config = read_run(path).config
+    except (LedgerError, OSError, ValueError, KeyError) as err:
+        raise ConfigError("--config", f"cannot read the configuration of ledger {path}: "
+                                      f"{err}") from None
+    return _without_none(config)
+
+
+def _without_none(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in tree.items()
+            if v is not None}
+
+
+def effective_toml(cfg: RunConfig, command: str) -> str:
+    """`--print-config`: cfg as TOML (sections as in `RunConfig.to_dict`), with absolute
+    paths so that `--config` reads it back the same from any folder."""
+    tree = cfg.to_dict()
+    for section, name in TOML_PATHS:
+        where = tree[section] if section else tree
+        if where[name]:
+            where[name] = os.path.abspath(where[name])
+    return (f"# rpd-mpi {command}: the effective configuration (defaults < --config < "
+            f"flags)\n# rerun it: rpd-mpi {command} --config THIS.toml  (flags still win; "
+            f"keys left out take their defaults)\n" + toml_text(tree))
 
 
 def read_toml(path: str) -> dict[str, Any]:

@@ -32,7 +32,9 @@ def local(*args: str, prefix: tuple[str, ...] = (), **env: str) -> subprocess.Co
 
 def test_every_job_script_is_executable_and_parses() -> None:
     assert {p.name for p in SCRIPTS} >= {"local.sh", "pipeline.sbatch", "pipeline-gpu.sbatch",
-                                         "sweep.sbatch", "slurm_node.sh"}
+                                         "sweep.sbatch", "slurm_node.sh",
+                                         "pipeline-multinode.sbatch", "sweep-collect.sbatch",
+                                         "sweep-chain.sh"}
     for script in SCRIPTS:
         assert os.access(script, os.X_OK), f"{script} is not executable"
         parsed = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
@@ -89,4 +91,77 @@ def test_local_adds_nothing_for_mpich_on_enough_cores(tmp_path: Path) -> None:
 
 def test_local_needs_a_stage_count() -> None:
     got = local("--stages", "2")
+    assert got.returncode == 2 and "usage:" in got.stderr
+
+
+# ----------------------------------------------------------------------------- sweep.sbatch
+# Run as a plain bash script with the variables Slurm would set and a stand-in `srun` that
+# runs its command here: what one array task does, without Slurm (tests/test_slurm.py submits
+# it for real).
+
+SWEEP = ROOT / "jobs" / "sweep.sbatch"
+
+
+def sweep_task(tmp_path: Path, job: str, task: int, *args: str,
+               **env: str) -> subprocess.CompletedProcess:
+    """Array task `task` of array job `job`, in tmp_path, with this venv's rpd-mpi."""
+    bin_dir = tmp_path / "venv" / "bin"
+    if not bin_dir.exists():
+        bin_dir.mkdir(parents=True)
+        (bin_dir / "srun").write_text('#!/bin/sh\nshift\nexec "$@"\n')   # drop --mpi=...
+        (bin_dir / "srun").chmod(0o755)
+        (bin_dir / "rpd-mpi").symlink_to(Path(sys.prefix) / "bin" / "rpd-mpi")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    environ.update(SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_ID=str(int(job) + task),
+                   SLURM_ARRAY_JOB_ID=job, SLURM_ARRAY_TASK_ID=str(task),
+                   RPD_VENV=str(bin_dir.parent), LR_LO="-7", **env)
+    return subprocess.run(["timeout", "-k", "5", "120", "bash", str(SWEEP), *args],
+                          capture_output=True, text=True, cwd=tmp_path, env=environ,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_two_sweeps_do_not_overwrite_each_other(tmp_path: Path) -> None:
+    for job, seed in (("101", "1"), ("202", "2")):
+        for task in (0, 1):
+            got = sweep_task(tmp_path, job, task, "--stages", "2", *SMALL, "--seed", seed)
+            assert got.returncode == 0, got.stderr
+    for job, seed in (("101", 1), ("202", 2)):
+        for task in (0, 1):
+            run = read_run(tmp_path / "results" / "sweep" / job / f"lr_{task}.h5")
+            assert run.attrs["lr"] == 2.0 ** (-7 + task)
+            assert run.config["seed"] == seed
+    assert not list((tmp_path / "results" / "sweep").glob("*.h5"))
+
+
+def test_sweep_user_flags_win(tmp_path: Path) -> None:
+    """The script's --lr/--out come before the user's: argparse keeps the last."""
+    mine = tmp_path / "mine.h5"
+    got = sweep_task(tmp_path, "7", 1, "--stages", "2", *SMALL, "--lr", "0.03125",
+                     "--out", str(mine))
+    assert got.returncode == 0, got.stderr
+    run = read_run(mine)
+    assert run.attrs["lr"] == 0.03125 and run.config["out"] == str(mine)
+    assert not (tmp_path / "results" / "sweep" / "7" / "lr_1.h5").exists()
+
+
+def test_sweep_train_passes_the_task_count_as_stages(tmp_path: Path) -> None:
+    """RPD_CMD=train: --stages $SLURM_NTASKS first, so a --stages of the user's still wins."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    (bin_dir / "srun").chmod(0o755)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    environ.update(SLURM_SUBMIT_DIR=str(tmp_path), SLURM_ARRAY_JOB_ID="9",
+                   SLURM_ARRAY_TASK_ID="0", SLURM_NTASKS="3", RPD_VENV=str(bin_dir.parent),
+                   RPD_CMD="train", LR_LO="-2")
+    got = subprocess.run(["bash", str(SWEEP), "--stages", "4"], capture_output=True, text=True,
+                         cwd=tmp_path, env=environ, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == ("srun --mpi=pmi2 rpd-mpi train --stages 3 --lr 0.25 --out "
+                                  "results/sweep/9/lr_0.h5 --stages 4")
+
+
+def test_sweep_chain_needs_a_grid() -> None:
+    got = subprocess.run(["bash", str(ROOT / "jobs" / "sweep-chain.sh"), "-3"],
+                         capture_output=True, text=True, timeout=30)
     assert got.returncode == 2 and "usage:" in got.stderr

@@ -7,6 +7,7 @@ apt-get, apt fails (no network), or RPD_SKIP_SLURM=1. Every subprocess runs unde
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -45,8 +46,9 @@ class Cluster:
         env.update(SLURM_CONF=str(directory / "slurm.conf"), RPD_VENV=sys.prefix)
         self.env = env
 
-    def run(self, cmd: list[str], limit: float = 30, **env: str) -> subprocess.CompletedProcess:
-        return _run(cmd, limit, cwd=ROOT, env={**self.env, **env})
+    def run(self, cmd: list[str], limit: float = 30, cwd: Path = ROOT,
+            **env: str) -> subprocess.CompletedProcess:
+        return _run(cmd, limit, cwd=cwd, env={**self.env, **env})
 
     def sbatch_wait(self, workdir: Path, *args: str, **env: str) -> str:
         """`sbatch --wait ARGS` from the repo root, the job running in workdir; its job id."""
@@ -99,13 +101,56 @@ def test_pipeline_sbatch_writes_ledger(slurm: Cluster, tmp_path: Path) -> None:
 def test_sweep_array_one_ledger_per_step_size(slurm: Cluster, tmp_path: Path, command: str,
                                               engine: str) -> None:
     tasks = "--ntasks=2" if command == "train" else "--ntasks=1"
-    slurm.sbatch_wait(tmp_path, "--array=0-1", tasks, "jobs/sweep.sbatch", "--stages", "2",
-                      *SMALL, LR_LO="-7", RPD_CMD=command)
+    job = slurm.sbatch_wait(tmp_path, "--array=0-1", tasks, "jobs/sweep.sbatch", "--stages", "2",
+                            *SMALL, LR_LO="-7", RPD_CMD=command)
     for i in (0, 1):
-        run = read_run(tmp_path / "results" / "sweep" / f"lr_{i}.h5")
+        run = read_run(tmp_path / "results" / "sweep" / job / f"lr_{i}.h5")
         assert run.attrs["engine"] == engine
         assert run.attrs["lr"] == 2.0 ** (-7 + i)
         assert len(run.updates) == 2 * 6
+
+
+def test_second_sweep_keeps_the_first_and_user_flags_win(slurm: Cluster, tmp_path: Path) -> None:
+    """Each array job writes its own folder; a --lr given to the script wins over the grid's."""
+    first = slurm.sbatch_wait(tmp_path, "--array=0-1", "jobs/sweep.sbatch", "--stages", "2",
+                              *SMALL, LR_LO="-7")
+    second = slurm.sbatch_wait(tmp_path, "--array=0-1", "jobs/sweep.sbatch", "--stages", "2",
+                               *SMALL, "--lr", "0.0625", LR_LO="-7")
+    assert first != second
+    for i in (0, 1):
+        assert read_run(tmp_path / "results" / "sweep" / first / f"lr_{i}.h5").attrs["lr"] == \
+            2.0 ** (-7 + i)
+        assert read_run(tmp_path / "results" / "sweep" / second / f"lr_{i}.h5").attrs["lr"] == \
+            0.0625
+
+
+def test_sweep_chain_collects_after_the_array(slurm: Cluster, tmp_path: Path) -> None:
+    """jobs/sweep-chain.sh: the array, then `tool sweep --collect` with --dependency=afterok
+    (submitted at once: without the dependency it would start before the ledgers exist)."""
+    got = slurm.run([str(ROOT / "jobs" / "sweep-chain.sh"), "-7", "-6", "--stages", "2", *SMALL],
+                    2 * JOB_TIMEOUT, cwd=tmp_path, CHAIN_WAIT="1")
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
+    assert got.returncode == 0, f"{got.stdout}\n{got.stderr}\n{logs}"
+    words = got.stdout.split()
+    assert words[0] == "sweep" and words[2] == "collect", got.stdout
+    sweep, collect = words[1], words[3].split(";")[0]
+    folder = tmp_path / "results" / "sweep" / sweep
+    summary = json.loads((folder / "pd_sweep.json").read_text())
+    assert sorted(p["lr"] for p in summary["points"]) == [2.0 ** -7, 2.0 ** -6]
+    best = read_run(folder / "pd.h5")
+    assert best.attrs["lr"] == summary["best_lr"]
+    assert (tmp_path / f"rpd-sweep-collect-{collect}.out").exists()
+
+
+def test_multinode_script_runs_on_one_node(slurm: Cluster, tmp_path: Path) -> None:
+    """The 2-node example, shrunk to the one node here (command-line options beat #SBATCH)."""
+    job = slurm.sbatch_wait(tmp_path, "--nodes=1", "--ntasks-per-node=2",
+                            "jobs/pipeline-multinode.sbatch", *SMALL)
+    run = read_run(tmp_path / f"pipeline-{job}.h5")
+    assert run.attrs["world_size"] == run.attrs["stages"] == 2
+    assert len(run.updates) == 2 * 6
+    two = slurm.run(["sbatch", "--test-only", "jobs/pipeline-multinode.sbatch"])
+    assert two.returncode != 0, "the example does not ask for 2 nodes"
 
 
 def test_gpu_script_is_accepted_only_with_a_gpu_per_task(slurm: Cluster) -> None:

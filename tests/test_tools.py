@@ -274,3 +274,132 @@ def test_mpi_compare_runs_real_ranks(tmp_path: Path) -> None:
         if cells[1] == "static":            # static order: the simulator's math exactly
             assert cells[3] == cells[4]
     assert is_png(tmp_path / "mpi_compare.png")
+
+
+# ----------------------------------------------------------------------------- figures
+
+def png_width(path: Path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big")
+
+
+def test_figures_are_200_dpi_png_or_any_format_by_extension(ledgers, tmp_path: Path,
+                                                           capsys) -> None:
+    png, pdf, svg = tmp_path / "c.png", tmp_path / "c.pdf", tmp_path / "t.svg"
+    assert curves.main([str(ledgers["pd"]), "--out", str(png)]) == 0
+    assert png_width(png) > 1000                     # 7 in at 200 dpi (was ~620 px at 100)
+    assert curves.main([str(ledgers["pd"]), "--out", str(pdf)]) == 0
+    assert pdf.read_bytes()[:4] == b"%PDF"
+    assert timeline.main([str(ledgers["pd"]), "--out", str(tmp_path / "g.pdf")]) == 0
+    assert (tmp_path / "g.pdf").read_bytes()[:4] == b"%PDF"
+    assert timeline.main([str(ledgers["pd"]), "--out", str(svg)]) == 0
+    assert b"<svg" in svg.read_bytes()[:1000]
+    capsys.readouterr()
+    assert curves.main([str(ledgers["pd"]), "--out", str(tmp_path / "c.nosuch")]) == 2
+    one_error_line(capsys, "extension", ".pdf", ".png")
+    for tool in (curves, timeline, theory):
+        with pytest.raises(SystemExit):
+            tool.main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "200 dpi PNG" in text and ".pdf" in text and ".svg" in text, tool.__name__
+
+
+def test_labels_and_titles_name_the_run_not_the_path(ledgers) -> None:
+    from rpd_mpi.analysis.common import describe, run_title
+    rec = read_run(ledgers["pd"])
+    static, dynamic = read_run(ledgers["pd"]), read_run(ledgers["pd"])
+    for r, order in ((static, "static"), (dynamic, "dynamic")):
+        r.attrs["engine"], r.attrs["order"] = "mpi", order
+    assert describe(static) != describe(dynamic)
+    assert "dynamic" in describe(dynamic) and "static" in describe(static)
+    assert describe(rec) == "PD S=2 lr=2^-4"                   # simulator: no order
+    lsgd, rpd = read_run(ledgers["localsgd"]), read_run(ledgers["rpd"])
+    assert "H=2" in describe(lsgd) and "δ=3" in describe(rpd) and "lr=2^-4" in describe(rpd)
+    for r in (rec, lsgd, rpd):
+        title = run_title(r)
+        assert "/" not in title and ".h5" not in title and "S=" in title and "lr=" in title
+    assert "δ=3" in run_title(rpd) and "H=2" in run_title(lsgd)
+
+
+def test_curves_merge_seeds_into_a_mean_and_band(tmp_path: Path) -> None:
+    import dataclasses
+    paths = [ledger(tmp_path, f"s{s}", dataclasses.replace(cfg_of("pd"), seed=s))
+             for s in range(3)]
+    paths.append(ledger(tmp_path, "other", cfg_of("pd", lr=2.0 ** -5)))
+    records = [read_run(p) for p in paths]
+    cs = [curves.curve(r, "slots") for r in records]
+    drawn = curves.group_seeds(records, cs)
+    assert len(drawn) == 2 and drawn[0].seeds == (0, 1, 2) and drawn[1].low is None
+    ys = np.stack([c.y for c in cs[:3]])
+    merged = drawn[0]
+    assert merged.y == pytest.approx(ys.mean(axis=0))
+    assert np.array_equal(merged.low, ys.min(axis=0)) and np.array_equal(merged.high,
+                                                                          ys.max(axis=0))
+    assert "mean of 3 seeds" in merged.label
+    std = curves.merge_seeds(cs[:3], "std")
+    assert std.high == pytest.approx(ys.mean(axis=0) + ys.std(axis=0))
+    assert curves.main([*map(str, paths), "--out", str(tmp_path / "b.png")]) == 0
+    assert is_png(tmp_path / "b.png")
+    # the same run twice is not a seed band
+    assert len(curves.group_seeds(records[:1] * 2, cs[:1] * 2)) == 2
+
+
+def test_char_lm_loss_is_linear_and_labelled() -> None:
+    lm = curves.Curve("PD", np.arange(3.0), np.array([3.5, 3.0, 2.9]), False, "charlm")
+    quad = dataclasses_replace_objective(lm, "quadratic")
+    assert curves.y_scale([lm]) == "linear" and curves.y_scale([quad]) == "log"
+    assert curves.y_scale([lm], "log") == "log"
+    assert curves.LOSS_LABEL == "training loss (nats/char)"
+
+
+def dataclasses_replace_objective(c: "curves.Curve", objective: str) -> "curves.Curve":
+    import dataclasses
+    return dataclasses.replace(c, objective=objective)
+
+
+def test_timeline_default_window_and_visible_averages(tmp_path: Path) -> None:
+    from rpd_mpi.schedule.generate import generate
+    short = timeline.schedule_events(generate("pd", 2, 6))
+    assert timeline.default_window(short) is None                 # 12 ops per rank: all
+    long = timeline.schedule_events(generate("pd", 4, 200))
+    lo, hi = timeline.default_window(long)
+    assert lo == 0 and 40 <= hi < long["end"].max() / 4
+    busy = long[(long["op"] == FWD) | (long["op"] == BWD)]
+    for r in np.unique(busy["rank"]):                              # every rank shows 40 ops
+        assert np.sum((busy["rank"] == r) & (busy["end"] <= hi)) >= 40
+    tl = generate("localsgd", 2, 40, trajectories=2, local_steps=8)
+    ev, avgs = timeline.schedule_events(tl), [t + 1.0 for t in tl.averages]
+    lo, hi = timeline.default_window(ev, avgs)
+    assert hi > avgs[0]                                            # the first average shows
+    ev = empty_events(6)
+    rows = [(0, FWD, 0.0, 1.0), (1, FWD, 1.0, 2.0), (0, AVG, 2.0, 2.01), (1, AVG, 2.0, 2.02),
+            (0, AVG, 5.0, 5.01), (1, AVG, 5.1, 5.11)]
+    for e, (rank, op, start, end) in zip(ev, rows):
+        e["rank"], e["stage"], e["op"], e["start"], e["end"] = rank, rank, op, start, end
+    assert timeline.average_times(ev) == [2.0, 5.0]
+    assert timeline.parse_window("all") is None
+
+
+def test_delays_plot_keeps_a_zero_p10_and_other_formats(tmp_path: Path, capsys) -> None:
+    assert delays_vs_s.main(["--stages", "2,4,6", "--out", str(tmp_path), "--format",
+                             "pdf"]) == 0
+    assert (tmp_path / "delays_vs_s.pdf").read_bytes()[:4] == b"%PDF"
+    assert "| 2 | 1.50 | 0.0 |" in capsys.readouterr().out        # the p10 of 0 at S = 2
+    assert delays_vs_s.main(["--stages", "2,4,6", "--out", str(tmp_path), "--format",
+                             "nosuch"]) == 2
+    one_error_line(capsys, "--format")
+
+
+def test_experiment_e5_quick_with_seeds_has_bands(tmp_path: Path, capsys) -> None:
+    assert experiments.main(["E5", "--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "E5.json").read_text())
+    assert data["seeds"] == 2
+    for point in data["measured"].values():
+        for method in ("PD", "RPD", "LocalSGD"):
+            m = point[method]
+            assert m["seeds"] == [0, 1] and len(m["seed_finals"]) == 2
+            assert m["seed_finals"][0] == pytest.approx(m["final"])
+    md = (tmp_path / "E5.md").read_text()
+    assert "mean ± std over 2 seeds" in md and "--seeds 2" in md
+    assert is_png(tmp_path / "E5.png")

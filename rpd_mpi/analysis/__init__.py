@@ -10,6 +10,8 @@ backend. Importing does no work.
     sweep         powers-of-two step-size sweeps in parallel processes (or a Slurm array)
     theory        RPD theory check: running mean of ||grad f||^2 next to the bound
     mpi_compare   E3 at S = 4 on real MPI ranks, PD against LocalSGD in wall time
+    trace         Chrome trace of a ledger's events for Perfetto: one track per rank
+    export        a ledger's updates/events/objective tables as CSV or Parquet (`rpd-mpi export`)
 """
 
-TOOLS = ("delays_vs_s", "curves", "timeline", "sweep", "theory", "mpi_compare")
+TOOLS = ("delays_vs_s", "curves", "timeline", "sweep", "theory", "mpi_compare", "trace", "export")

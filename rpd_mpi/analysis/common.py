@@ -30,11 +30,16 @@ from rpd_mpi.ledger.run_file import LedgerError
 from rpd_mpi.records import RunRecord
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 T = TypeVar("T")
 R = TypeVar("R")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURE_DPI = 200
+#: the help text of every tool's figure `--out`
+FIGURE_HELP = ("figure to write: a 200 dpi PNG by default, or any format matplotlib knows, "
+               "picked by the extension (.pdf, .svg, .eps, .jpg, ...); its folder must exist")
 
 
 class ToolError(Exception):
@@ -94,7 +99,8 @@ def check_out_file(path: Path, suffix: str = ".png", flag: str = "--out") -> Pat
     and it ends in `suffix`. Checked before any work; nothing is created."""
     folder = path.parent
     if path.is_dir():
-        raise ToolError(f"{flag}: {path} is a folder; give a file name ending in {suffix}")
+        raise ToolError(f"{flag}: {path} is a folder; give a file name"
+                        + (f" ending in {suffix}" if suffix else ""))
     if suffix and path.suffix.lower() != suffix:
         raise ToolError(f"{flag}: must be a file name ending in {suffix} (got {path})")
     if not folder.is_dir():
@@ -126,13 +132,50 @@ def pyplot() -> ModuleType:
     return plt
 
 
-def save_png(fig: Figure, path: str | Path) -> Path:
-    """Write `fig` as a PNG (folders created) and close it."""
+def figure_formats() -> dict[str, str]:
+    """The file extensions matplotlib can write (without the dot) and their names."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    return dict(FigureCanvasBase.get_supported_filetypes())
+
+
+def check_figure_file(path: Path, flag: str = "--out") -> Path:
+    """An output figure: like `check_out_file`, but any extension matplotlib writes
+    (.png, .pdf, .svg, .eps, ...) is accepted. Checked before any work; nothing is created."""
+    ext = path.suffix.lower().lstrip(".")
+    known = figure_formats()
+    if not path.is_dir() and ext not in known:
+        raise ToolError(f"{flag}: the extension picks the format, one of "
+                        f"{', '.join('.' + k for k in sorted(known))} (got {path})")
+    return check_out_file(path, suffix="", flag=flag)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` (folders created) and close it: raster formats at FIGURE_DPI, the format
+    from the extension (.png, .pdf, .svg, ...; none: PNG)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight",
+                format=None if path.suffix else "png")
     pyplot().close(fig)
     return path
+
+
+save_png = save_figure      # the name the tools used when every figure was a PNG
+
+
+def tidy_log_axis(ax: Axes, axis: str = "y") -> None:
+    """No labels on the minor ticks of a log axis (they clutter); the ticks stay. Call it
+    after plotting: an axis spanning under two decades gets labelled ticks at 1, 2 and 5
+    times the powers of ten, under one decade also at 1.5, 3 and 7 (else it could show a
+    single label or none)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    which = ax.yaxis if axis == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if lo > 0 and hi > lo and math.log10(hi / lo) < 2:
+        subs = (1.0, 2.0, 5.0) if math.log10(hi / lo) >= 1 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+        which.set_major_locator(LogLocator(base=10, subs=subs))
+        which.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    which.set_minor_formatter(NullFormatter())
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -181,18 +224,54 @@ def gaps(record: RunRecord) -> np.ndarray:
     return values - float(f_star) if f_star is not None else values
 
 
-def describe(record: RunRecord) -> str:
-    """A short legend label: method, S, H (LocalSGD), delta (RPD), step size."""
+def method_name(record: RunRecord) -> str:
+    """'PD', 'RPD', 'LocalSGD', ... and, for an MPI run of PD, its order ('PD dynamic')."""
     a = record.attrs
-    parts = [str(a.get("method", "?")).upper().replace("LOCALSGD", "LocalSGD"),
-             f"S={a.get('stages')}"]
+    name = {"localsgd": "LocalSGD"}.get(str(a.get("method")), str(a.get("method", "?")).upper())
+    order = a.get("order")
+    if order not in (None, "", "unit-time") and a.get("engine") != "sim":
+        name += f" {order}"
+    return name
+
+
+def settings_parts(record: RunRecord) -> list[str]:
+    """The settings that tell runs apart: H (LocalSGD), δ (RPD), lr."""
+    a = record.attrs
+    parts = []
     if a.get("method") == "localsgd":
         parts.append(f"H={a.get('local_steps')}")
     if a.get("method") == "rpd":
         parts.append(f"δ={a.get('delta')}")
     if a.get("lr") is not None:
         parts.append(f"lr={lr_text(float(a['lr']))}")
+    return parts
+
+
+def describe(record: RunRecord) -> str:
+    """A short legend label: method (and order of an MPI PD run), S, H (LocalSGD), delta
+    (RPD), step size: 'PD dynamic S=4 lr=2^-8', 'LocalSGD S=16 H=2 lr=2^-5'."""
+    return " ".join([method_name(record), f"S={record.attrs.get('stages')}",
+                     *settings_parts(record)])
+
+
+def problem_text(record: RunRecord) -> str:
+    """The objective and its size: 'tridiag d=512 n=600'."""
+    a = record.attrs
+    parts = [str(a.get("objective", "?"))]
+    if a.get("dim") is not None:
+        parts.append(f"d={a['dim']}")
+    if a.get("examples") is not None and a.get("objective") != "charlm":
+        parts.append(f"n={a['examples']}")
     return " ".join(parts)
+
+
+def run_title(record: RunRecord) -> str:
+    """A figure title from a run's method and settings (never a path):
+    'PD dynamic, S=4, lr=2^-8; tridiag d=512 n=600, MPI'."""
+    a = record.attrs
+    head = ", ".join([method_name(record), f"S={a.get('stages')}", *settings_parts(record)])
+    clock = "simulated (unit time)" if a.get("engine") == "sim" else "MPI (wall clock)"
+    return f"{head}; {problem_text(record)}, {clock}"
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]:

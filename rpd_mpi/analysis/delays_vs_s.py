@@ -4,7 +4,9 @@ For each S the timeline has N = 10 S microbatches (`--per-stage`); `rpd_mpi.sche
 gives the mean, p10 and max over the second half of the updates and the startup max over the
 first half. Least-squares quadratics a S^2 + b S + c are fitted to the mean and the max over
 the even S (the paper's closed form S^2 - S/2 is exact for even S). Outputs: a Markdown table
-(stdout and `--out`/delays_vs_s.md), JSON and a log-log PNG.
+(stdout and `--out`/delays_vs_s.md), JSON and a 200 dpi PNG (log S; the delay axis is
+symmetric-log, linear below 1, so that a p10 of 0 at S = 2 is drawn at 0; `--format pdf`
+or svg, ... writes delays_vs_s.pdf instead).
 
     rpd-mpi tool delays_vs_s [--stages 2,4,8] [--out results/E1] [--jobs 2]
 
@@ -20,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from rpd_mpi import jsonout
-from rpd_mpi.analysis.common import (Parser, ToolError, check_out_dir, guarded, int_at_least,
-                                     markdown_table, parallel_map, pyplot, save_png, write_text)
+from rpd_mpi.analysis.common import (Parser, ToolError, check_out_dir, figure_formats,
+                                     guarded, int_at_least, markdown_table, parallel_map,
+                                     pyplot, save_figure, write_text)
 from rpd_mpi.budget import check_timeline
 from rpd_mpi.schedule.delays import delay_stats, pd_steady_max
 from rpd_mpi.schedule.generate import generate
@@ -110,7 +113,9 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], fitted: dict[str, Fit], path: str | Path) -> Path:
-    """Log-log plot of the four statistics vs S with the fitted quadratics dashed."""
+    """The four statistics vs S with the fitted quadratics dashed: log x, and a symmetric-log
+    y axis (linear below 1 block update, log above) so that a p10 of 0 (S = 2) is drawn at 0
+    instead of dropping off a log axis."""
     plt = pyplot()
     s = np.array([r["stages"] for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4.6))
@@ -123,13 +128,24 @@ def plot(rows: list[dict[str, Any]], fitted: dict[str, Fit], path: str | Path) -
         name = "max" if key == "steady_max" else "mean"
         ax.plot(grid, fit(grid), "--", color="k" if name == "max" else "0.5", lw=1,
                 label=f"fit {name}: {fit.text()}")
-    ax.set(xscale="log", yscale="log", xlabel="stages S",
-           ylabel="global delay (block updates)",
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1.0, linscale=0.5)
+    ax.set(xlabel="stages S", ylabel="global delay (block updates; linear below 1)",
            title="PD 1F1B delays, steady state (N = 10 S)")
+    ax.set_ylim(bottom=-0.2)
     power_ticks(ax, s)
-    ax.grid(True, which="both", alpha=0.3)
+    symlog_ticks(ax, max(float(r["startup_max"]) for r in rows))
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
-    return save_png(fig, path)
+    return save_figure(fig, path)
+
+
+def symlog_ticks(ax: Axes, top: float) -> None:
+    """y ticks 0, 1, 10, 100, ... up to `top`, labelled as plain numbers; no minor labels."""
+    from matplotlib.ticker import NullFormatter
+    ticks = [0.0] + [10.0 ** e for e in range(0, 12) if 10.0 ** e <= 10 * top]
+    ax.set_yticks(ticks, ["0"] + [str(int(t)) for t in ticks[1:]])
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def power_ticks(ax: Axes, s: np.ndarray) -> None:
@@ -161,9 +177,10 @@ def parse_stages(text: str) -> list[int]:
     return sorted(out)
 
 
-def run(stages: Sequence[int], out: Path | None, per_stage: int = 10, jobs: int = 1
-        ) -> tuple[list[dict[str, Any]], dict[str, Fit], str]:
-    """Compute, fit, and (with `out`) write delays_vs_s.{md,json,png}; returns the parts."""
+def run(stages: Sequence[int], out: Path | None, per_stage: int = 10, jobs: int = 1,
+        figure: str = "png") -> tuple[list[dict[str, Any]], dict[str, Fit], str]:
+    """Compute, fit, and (with `out`) write delays_vs_s.{md,json} and the figure
+    delays_vs_s.<figure> (png, pdf, svg, ...); returns the parts."""
     rows = delay_table(stages, per_stage, jobs)
     fitted = fits(rows)
     text = table_markdown(rows) + "\n\n" + "\n".join(
@@ -176,7 +193,7 @@ def run(stages: Sequence[int], out: Path | None, per_stage: int = 10, jobs: int 
                    "fits": {k: {"a": f.a, "b": f.b, "c": f.c, "stages": list(f.stages)}
                             for k, f in fitted.items()}}
         write_text(out / "delays_vs_s.json", jsonout.dumps(payload, indent=1))
-        plot(rows, fitted, out / "delays_vs_s.png")
+        plot(rows, fitted, out / f"delays_vs_s.{figure}")
     return rows, fitted, text
 
 
@@ -187,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join(map(str, ODD_STAGES))})")
     p.add_argument("--per-stage", type=int_at_least(1), default=10,
                    help="microbatches per stage (N/S)")
-    p.add_argument("--out", type=Path, default=None, help="folder for .md/.json/.png (created "
-                   "if missing; its parent must exist)")
+    p.add_argument("--out", type=Path, default=None, help="folder for .md/.json and the "
+                   "figure (created if missing; its parent must exist)")
+    p.add_argument("--format", default="png", dest="figure_format",
+                   help="the figure's format, any matplotlib knows: png (200 dpi, default), "
+                        "pdf, svg, eps, ...")
     p.add_argument("--jobs", type=int_at_least(1), default=1, help="worker processes")
     args = p.parse_args(argv)
 
@@ -197,9 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         S = max(stages)
         flag, value = ("--per-stage", args.per_stage) if args.per_stage > S else ("--stages", S)
         check_timeline(flag, value, "pd", S, args.per_stage * S)
+        ext = args.figure_format.lower().lstrip(".")
+        if ext not in figure_formats():
+            raise ToolError(f"--format must be one of {', '.join(sorted(figure_formats()))} "
+                            f"(got {args.figure_format!r})")
         if args.out is not None:
             check_out_dir(args.out)
-        _, _, text = run(stages, args.out, args.per_stage, args.jobs)
+        _, _, text = run(stages, args.out, args.per_stage, args.jobs, ext)
         print(text)
         return 0
     return guarded(body)

@@ -14,8 +14,8 @@ Ledgers are written as `<out>/<name>_lr<e>.h5` for lr = 2^e; the best is renamed
 `<out>/<name>_sweep.md` and `.json`.
 
     rpd-mpi tool sweep --method pd --stages 16 --objective tridiag ... --lr-lo -12 --lr-hi -3
-    # Slurm: LR_LO=-12 sbatch --array=0-9 jobs/sweep.sbatch <same flags>   (task i: lr = 2^(-12+i),
-    # results/sweep/lr_<i>.h5), then: rpd-mpi tool sweep <same flags> --out results/sweep --collect
+    # Slurm: jobs/sweep-chain.sh -12 -3 <same flags>   (array task i: lr = 2^(-12+i), writes
+    # results/sweep/<array job id>/lr_<i>.h5; then, afterok, `--collect` scores that folder)
 """
 
 from __future__ import annotations
@@ -212,14 +212,15 @@ def summary_markdown(result: SweepResult) -> str:
 
 def slurm_lines(flags: Sequence[str], lo: int, hi: int, out: str) -> str:
     """The job-array form of the same sweep: jobs/sweep.sbatch runs `rpd-mpi simulate` with
-    lr = 2^(LR_LO + i) in array task i and writes results/sweep/lr_<i>.h5; `--collect` scores."""
+    lr = 2^(LR_LO + i) in array task i and writes results/sweep/<array job id>/lr_<i>.h5;
+    `--collect` scores them (jobs/sweep-chain.sh submits both, chained with afterok)."""
     run = " ".join(shlex.quote(f) for f in flags)
     grid = f"--lr-lo {lo} --lr-hi {hi}"
     return (f"# Slurm job array: task i runs lr = 2^({lo} + i), i = 0..{hi - lo}, and writes "
-            f"results/sweep/lr_<i>.h5\n"
-            f"LR_LO={lo} sbatch --array=0-{hi - lo} jobs/sweep.sbatch {run}\n"
-            f"# then pick the step size from those ledgers:\n"
-            f"rpd-mpi tool sweep {run} {grid} --out results/sweep --collect\n"
+            f"results/sweep/<array job id>/lr_<i>.h5; the collect job runs after it (afterok)\n"
+            f"jobs/sweep-chain.sh {lo} {hi} {run}\n"
+            f"# or by hand: LR_LO={lo} sbatch --array=0-{hi - lo} jobs/sweep.sbatch {run}, then\n"
+            f"rpd-mpi tool sweep {run} {grid} --out results/sweep/<array job id> --collect\n"
             f"# (without Slurm, task i alone: rpd-mpi tool sweep {run} {grid} "
             f"--out {shlex.quote(out)} --index i)")
 

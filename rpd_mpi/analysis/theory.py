@@ -14,7 +14,9 @@ blocks is reported. The average over k < K weights each sample by the updates un
 
     rpd-mpi tool theory rpd.h5 [--every 1] [--out theory.png] [--json]
 
-The folder of `--out` must exist (it is not created).
+`--out` is a 200 dpi PNG by default, or any format matplotlib knows by its extension (.pdf,
+.svg, ...); its folder must exist (it is not created). The figure's title names the run's
+method, S, δ, lr and objective (never the ledger's path).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from typing import Any, cast
 import numpy as np
 
 from rpd_mpi import jsonout
-from rpd_mpi.analysis.common import (Parser, ToolError, check_out_file, fmt, guarded, int_at_least,
-                                     markdown_table, pyplot, save_png)
+from rpd_mpi.analysis.common import (FIGURE_HELP, Parser, ToolError, check_figure_file, fmt,
+                                     guarded, int_at_least, markdown_table, pyplot, run_title,
+                                     save_figure, tidy_log_axis)
 from rpd_mpi.build import build, simulate_run
 from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.ledger.run_file import read_run
@@ -168,11 +171,13 @@ def plot(res: Check, path: str | Path, title: str = "") -> Path:
     names = ("2SΔ0/(γK)", "γSLG²", "γ²L²δ²G²")
     for term, name, color in zip(res.constants.terms(res.K), names, ("C1", "C2", "C3")):
         ax.plot(res.K, term, "--", color=color, lw=1, label=name)
-    ax.set(yscale="log", xlabel="block updates K", ylabel="squared gradient norm",
+    ax.set(yscale="log", xlabel="block updates K",
+           ylabel="‖∇f(w)‖² (running mean, bound)",
            title=title or "RPD theory check")
+    tidy_log_axis(ax)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
-    return save_png(fig, path)
+    return save_figure(fig, path)
 
 
 def to_json(res: Check) -> dict[str, Any]:
@@ -187,19 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("ledger", help="run.h5 (RPD; PD works too, with δ = its largest delay)")
     p.add_argument("--every", type=int_at_least(1), default=1,
                    help="gradient cadence in block updates (--eval-every of the re-run)")
-    p.add_argument("--out", type=Path, default=Path("theory.png"),
-                   help="PNG to write (its folder must exist)")
+    p.add_argument("--out", type=Path, default=Path("theory.png"), help=FIGURE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
     def body() -> int:
-        check_out_file(args.out)
+        check_figure_file(args.out)
         record = read_run(args.ledger)
         try:
             res = check(record, args.every)
         except (ToolError, ConfigError) as err:
             raise ToolError(f"{args.ledger}: {err}") from None
-        plot(res, args.out, f"theory check: {args.ledger}")
+        plot(res, args.out, f"RPD theory check (bound vs measured)\n{run_title(record)}")
         if args.json:
             print(jsonout.dumps(to_json(res)))
         else:

@@ -2,16 +2,25 @@
 
 Events (EVENT_DTYPE) come from a ledger — unit-time simulator runs: start/end in slots; MPI
 runs: seconds since the start — or from a generated timeline (`--method pd --stages 4
---microbatches 8`). One row per rank (stage, and group when G > 1); forwards, backwards and
-averaging (op codes 1, 2, 3) are coloured bars, idle time is the grey background; LocalSGD
-averages of a unit-time run are dashed lines. The bubble fraction of a rank is the share of
-the run's span [first start, last end] in which it runs no forward or backward.
+--microbatches 8`). One row per rank (stage, and group when G > 1); forwards and backwards
+are coloured bars, idle time is the grey background. LocalSGD averages are drawn so that they
+show at any zoom: a green vertical line across every row at each average, and for measured
+averaging events (op code 3) a green diamond on the rank's row as well. The bubble fraction of
+a rank is the share of the run's span [first start, last end] in which it runs no forward or
+backward; the table always covers the whole run, whatever the window drawn.
 
-    rpd-mpi tool timeline run.h5 --out gantt.png [--window 0:80]
+Default window: the whole run when no rank runs more than 40 forwards and backwards; a longer
+run (an MPI run is a barcode at full width) is drawn from its start to the end of every
+rank's 40th op, extended to the first LocalSGD average; `--window START:END` (slots or
+seconds) overrides, `--window all` draws the whole run. The title names the method, order,
+S, H, δ and lr of the run (never a path) and the window shown.
+
+    rpd-mpi tool timeline run.h5 --out gantt.png [--window 0:80 | --window all]
     rpd-mpi tool timeline --method localsgd --stages 4 --trajectories 4 --local-steps 2 \
-        --microbatches 16 --out gantt.png
+        --microbatches 16 --out gantt.pdf
 
-With a ledger the schedule flags are errors (the ledger says what ran); the folder of `--out`
+With a ledger the schedule flags are errors (the ledger says what ran). `--out` is a 200 dpi
+PNG by default, or any format matplotlib knows by its extension (.pdf, .svg, ...); its folder
 must exist (it is not created).
 """
 
@@ -23,8 +32,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from rpd_mpi.analysis.common import (Parser, ToolError, check_out_file, guarded, int_at_least,
-                                     markdown_table, pyplot, save_png)
+from rpd_mpi.analysis.common import (FIGURE_HELP, Parser, ToolError, check_figure_file,
+                                     guarded, int_at_least, markdown_table, pyplot, run_title,
+                                     save_figure)
 from rpd_mpi.budget import check_timeline
 from rpd_mpi.build import schedule_of
 from rpd_mpi.config import ConfigError, RunConfig
@@ -39,6 +49,8 @@ if TYPE_CHECKING:
 
 OPS = {FWD: ("forward", "#4C72B0"), BWD: ("backward", "#DD8452"), AVG: ("average", "#55A868")}
 MAX_LABELS = 600          # microbatch numbers are written into bars only below this count
+DEFAULT_OPS = 40          # a longer run is drawn up to every rank's DEFAULT_OPS-th op
+AVG_COLOR = "#2CA02C"
 #: schedule flags (without a ledger) and their defaults
 SCHEDULE_FLAGS = {"method": "pd", "stages": 4, "microbatches": 8, "noam": 0, "trajectories": 1,
                   "local_steps": 1, "flush": 0}
@@ -112,10 +124,56 @@ def _window(events: np.ndarray, window: tuple[float, float] | None) -> np.ndarra
     return events[keep]
 
 
+def average_times(events: np.ndarray, averages: Sequence[float] = ()) -> list[float]:
+    """Where the run averaged: the schedule's averages, else the measured averaging events'
+    starts (one time per average: the earliest rank's)."""
+    if averages:
+        return sorted(float(t) for t in averages)
+    avg = events[events["op"] == AVG]
+    if avg.shape[0] == 0:
+        return []
+    starts = np.sort(avg["start"].astype(float))
+    ranks = max(1, np.unique(avg["rank"]).size)
+    return [float(t) for t in starts[::ranks]]
+
+
+def default_window(events: np.ndarray, averages: Sequence[float] = (),
+                   ops: int = DEFAULT_OPS) -> tuple[float, float] | None:
+    """None (the whole run) when no rank runs more than `ops` forwards and backwards; else
+    (start, the end of every rank's `ops`-th op), extended past the first average."""
+    busy = events[(events["op"] == FWD) | (events["op"] == BWD)]
+    if busy.shape[0] == 0:
+        return None
+    per_rank = [np.sort(busy["end"][busy["rank"] == r].astype(float))
+                for r in np.unique(busy["rank"])]
+    if max(mine.size for mine in per_rank) <= ops:
+        return None
+    lo = float(events["start"].min())
+    hi = max(float(mine[min(ops, mine.size) - 1]) for mine in per_rank)
+    first = next(iter(average_times(events, averages)), None)
+    op_len = float(np.median(busy["end"] - busy["start"]))
+    if first is not None and first + op_len > hi:
+        hi = first + 3 * op_len
+    span_end = float(events["end"].max())
+    return None if hi >= span_end else (lo, hi)
+
+
+def window_text(events: np.ndarray, window: tuple[float, float] | None, unit: str) -> str:
+    """'slots 0–100 of 1230' / 'seconds 0–0.05 of 0.7' / 'all 14 slots'."""
+    t0, t1 = float(events["start"].min()), float(events["end"].max())
+    name = "slots" if unit == "slot" else "seconds"
+    def num(x: float) -> str:
+        return f"{x:.6g}" if unit == "slot" else f"{x:.3g}"
+
+    if window is None:
+        return f"all {num(t1 - t0)} {name}"
+    return f"{name} {num(window[0])}–{num(window[1])} of {num(t0)}–{num(t1)}"
+
+
 def plot_gantt(events: np.ndarray, path: str | Path, *, title: str = "",
                averages: Sequence[float] = (), window: tuple[float, float] | None = None,
                unit: str = "slot") -> Path:
-    """Draw the Gantt chart of `events` (optionally only `window`) into a PNG."""
+    """Draw the Gantt chart of `events` (optionally only `window`) into a figure file."""
     plt = pyplot()
     shown = _window(events, window)
     ranks, labels = _row_labels(events)
@@ -129,19 +187,29 @@ def plot_gantt(events: np.ndarray, path: str | Path, *, title: str = "",
     index = {int(r): i for i, r in enumerate(ranks)}
     for op, (name, color) in OPS.items():
         ev = shown[shown["op"] == op]
-        if ev.shape[0]:
+        if ev.shape[0] and op != AVG:
             ax.barh([index[int(r)] for r in ev["rank"]], ev["end"] - ev["start"],
                     left=ev["start"], height=0.8, color=color, edgecolor="white", lw=0.4,
                     label=name)
     _write_microbatches(ax, shown, index, hi - lo)
-    for i, t in enumerate(x for x in averages if lo <= x <= hi):
-        ax.axvline(t, color=OPS[AVG][1], ls="--", lw=1.2, label=None if i else "average")
+    times = [t for t in average_times(events, averages) if lo <= t <= hi]
+    for i, t in enumerate(times):
+        ax.axvline(t, color=AVG_COLOR, ls="-", lw=2.0, alpha=0.85,
+                   label=None if i else "LocalSGD average")
+    avg = shown[shown["op"] == AVG]
+    if avg.shape[0]:
+        ax.barh([index[int(r)] for r in avg["rank"]], avg["end"] - avg["start"],
+                left=avg["start"], height=0.8, color=AVG_COLOR)
+        ax.scatter(avg["start"], [index[int(r)] for r in avg["rank"]], marker="D", s=28,
+                   color=AVG_COLOR, edgecolor="black", lw=0.5, zorder=5,
+                   label="averaging (measured)")
     ax.set(yticks=np.arange(len(ranks)), yticklabels=labels, xlim=(lo, hi),
-           xlabel="slot" if unit == "slot" else "seconds", title=title)
+           xlabel="time (slots)" if unit == "slot" else "wall-clock time (seconds)",
+           ylabel="rank", title=title)
     ax.invert_yaxis()
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.75 * height)), ncol=4,
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.75 * height)), ncol=5,
               fontsize=8, frameon=False)
-    return save_png(fig, path)
+    return save_figure(fig, path)
 
 
 def _write_microbatches(ax: Axes, ev: np.ndarray, index: dict[int, int], width: float) -> None:
@@ -155,13 +223,13 @@ def _write_microbatches(ax: Axes, ev: np.ndarray, index: dict[int, int], width: 
 
 
 def parse_window(text: str | None) -> tuple[float, float] | None:
-    """'A:B' -> (A, B) with A < B."""
-    if not text:
+    """'A:B' -> (A, B) with A < B; None for no text or 'all'."""
+    if not text or text == "all":
         return None
     try:
         lo, hi = (float(x) for x in text.split(":"))
     except ValueError:
-        raise ToolError(f"--window must be START:END (got {text!r})") from None
+        raise ToolError(f"--window must be START:END or all (got {text!r})") from None
     if not hi > lo:
         raise ToolError(f"--window end must exceed its start (got {text!r})")
     return lo, hi
@@ -197,13 +265,17 @@ def main(argv: list[str] | None = None) -> int:
         default = SCHEDULE_FLAGS[flag[2:].replace("-", "_")]
         p.add_argument(flag, type=int_at_least(low), default=None,
                        help=f"without a ledger (default {default})")
-    p.add_argument("--window", default=None, help="START:END of the time axis to draw")
-    p.add_argument("--out", type=Path, default=Path("timeline.png"),
-                   help="PNG to write (its folder must exist)")
+    p.add_argument("--window", default=None,
+                   help="START:END of the time axis to draw (slots, or seconds for an MPI "
+                        "run), or all; default: the whole run when no rank runs more than "
+                        f"{DEFAULT_OPS} forwards and backwards, else from the start to the end "
+                        f"of every rank's {DEFAULT_OPS}th op (extended to the first LocalSGD "
+                        "average)")
+    p.add_argument("--out", type=Path, default=Path("timeline.png"), help=FIGURE_HELP)
     args = p.parse_args(argv)
 
     def body() -> int:
-        check_out_file(args.out)
+        check_figure_file(args.out)
         window = parse_window(args.window)
         given = [n for n in SCHEDULE_FLAGS if getattr(args, n) is not None]
         if args.ledger and given:
@@ -213,9 +285,14 @@ def main(argv: list[str] | None = None) -> int:
             record = read_run(args.ledger)
             events, averages = ledger_events(record, args.ledger)
             unit = "slot" if record.attrs.get("engine") == "sim" else "s"
-            title = f"{args.ledger}: {record.attrs.get('method')} S={record.attrs.get('stages')}"
+            title = run_title(record)
         else:
             (events, averages, title), unit = _from_flags(args), "slot"
+        if args.window is None:
+            window = default_window(events, averages)
+        title += f"\n{window_text(events, window, unit)}" + (
+            " (default window; --window all draws the whole run)"
+            if args.window is None and window else "")
         plot_gantt(events, args.out, title=title, averages=averages, window=window, unit=unit)
         print(bubble_markdown(bubble_table(events)))
         print(f"wrote {args.out}")

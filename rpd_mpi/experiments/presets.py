@@ -7,17 +7,28 @@ large S, where a run costs minutes (the RPD engine does O(S) Python work per upd
     the best is on an edge;  S >= 128: the two powers of two at and below RPD's best of the
     previous S. The E5 table names the grid each RPD point used.
 `quick` variants shrink sizes and grids so that a test finishes in seconds.
+
+With `Settings.seeds = N > 1` every tuned curve keeps its step size from the seed-0 sweep and
+its configuration is rerun at seeds 1 .. N-1 (new data, sampling and noise); the figures then
+show the mean over the N seeds with a min–max band, and the JSON carries every seed's final
+value and score (E5's table adds mean ± std columns).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, cast
 
-from rpd_mpi.analysis.common import fmt, lr_exponent, lr_text, markdown_table, pyplot, save_png
-from rpd_mpi.analysis.curves import curve, plot_curves
-from rpd_mpi.analysis.sweep import SweepResult, power_grid, refine, sweep, write_summary
+import numpy as np
+
+from rpd_mpi.analysis.common import (fmt, lr_exponent, lr_text, markdown_table, parallel_map,
+                                     pyplot, save_figure, tidy_log_axis)
+from rpd_mpi.analysis.curves import curve, group_seeds, plot_curves
+from rpd_mpi.analysis.sweep import (SweepResult, power_grid, refine, score_record, sweep,
+                                    write_summary)
+from rpd_mpi.build import simulate_run
 from rpd_mpi.config import ObjectiveConfig, RPDConfig, RunConfig, ScheduleConfig
 from rpd_mpi.experiments.settings import Outcome, Settings
 from rpd_mpi.ledger.run_file import read_run
@@ -36,6 +47,16 @@ class Tuned:
     result: SweepResult
     record: RunRecord | None
     grid: str = "full"
+    seed_records: list[RunRecord] = field(default_factory=list)    # seeds 1 .. N-1
+
+    @property
+    def records(self) -> list[RunRecord]:
+        """The seed-0 run and its reruns at the other seeds."""
+        return ([self.record] if self.record is not None else []) + self.seed_records
+
+    def seed_values(self, which: int) -> list[float]:
+        """score_record's `which` (1: final, 2: score) of every seed's run."""
+        return [score_record(r)[which] for r in self.records]
 
     @property
     def lr(self) -> str:
@@ -50,8 +71,13 @@ class Tuned:
         return self.result.best.score if self.result.best else None
 
     def summary(self) -> dict[str, Any]:
-        return {"lr": self.result.best.lr if self.result.best else None, "final": self.final,
-                "score": self.score, "at_edge": self.result.at_edge, "grid": self.grid}
+        out: dict[str, Any] = {
+            "lr": self.result.best.lr if self.result.best else None, "final": self.final,
+            "score": self.score, "at_edge": self.result.at_edge, "grid": self.grid}
+        if self.seed_records:
+            out.update(seeds=[int(r.attrs["seed"]) for r in self.records],
+                       seed_finals=self.seed_values(1), seed_scores=self.seed_values(2))
+        return out
 
 
 def lowest_final(runs: Sequence[Tuned]) -> Tuned | None:
@@ -77,7 +103,23 @@ def _wrap(res: SweepResult, st: Settings, label: str, grid: str) -> Tuned:
     if st.log is not None:
         st.log(f"{res.name}: best lr {lr_text(res.best.lr) if res.best else '-'} "
                f"of {len(res.points)}")
-    return Tuned(label, res, record, grid)
+    again = reseed(record, st.seeds, st.jobs) if record is not None else []
+    if again and st.log is not None:
+        st.log(f"{res.name}: rerun at seeds 1..{st.seeds - 1}")
+    return Tuned(label, res, record, grid, again)
+
+
+def _run_config(cfg: RunConfig) -> RunRecord:
+    return simulate_run(cfg)
+
+
+def reseed(record: RunRecord, seeds: int, jobs: int = 1) -> list[RunRecord]:
+    """The run of `record`'s configuration at seeds 1 .. seeds-1 (in memory, not written)."""
+    if seeds <= 1:
+        return []
+    base = RunConfig.from_dict(record.config)
+    cfgs = [dataclasses.replace(base, seed=s) for s in range(1, seeds)]
+    return parallel_map(_run_config, cfgs, jobs)
 
 
 def tune(cfg: RunConfig, grid: tuple[int, int], st: Settings, name: str, label: str) -> Tuned:
@@ -93,10 +135,11 @@ def grid_of(quick: bool, method: str) -> tuple[int, int]:
 
 
 def plot_tuned(runs: Sequence[Tuned], x: str, path: str | Path, title: str) -> Path:
-    """The best curve of every tuned run on one plot."""
-    curves = [curve(r.record, x, f"{r.label} (lr {r.lr})") for r in runs
-              if r.record is not None]
-    return plot_curves(curves, x, path, title)
+    """The best curve of every tuned run on one plot; a run with several seeds is drawn as
+    the mean over its seeds with a min–max band."""
+    records = [rec for r in runs for rec in r.records]
+    curves = [curve(rec, x, f"{r.label} (lr {r.lr})") for r in runs for rec in r.records]
+    return plot_curves(group_seeds(records, curves), x, path, title)
 
 
 # ----------------------------------------------------------------------------- E2
@@ -230,16 +273,29 @@ def _winner(row: dict[str, Any], key: str) -> str:
     return min(ok, key=ok.__getitem__) if ok else "-"
 
 
+def _mean_std(t: Tuned) -> str:
+    values = np.array(t.seed_values(1), dtype=float)
+    if values.size < 2:
+        return "-"
+    return f"{fmt(float(values.mean()))} ± {fmt(float(values.std(ddof=1)), 2)}"
+
+
 def e5_table(rows: list[dict[str, Any]], quick: bool) -> str:
+    seeds = max(len(r["PD"].records) for r in rows) if rows else 1
     body = []
     for r in rows:
-        body.append((r["S"], r["PD"].lr, fmt(r["PD"].final), r["RPD"].lr, fmt(r["RPD"].final),
-                     r["RPD"].grid, r["LocalSGD"].lr, fmt(r["LocalSGD"].final),
-                     _winner(r, "final"), _winner(r, "score"),
-                     "-" if quick else ("PD" if r["S"] == 2 else "LocalSGD")))
+        cells: tuple[Any, ...] = (
+            r["S"], r["PD"].lr, fmt(r["PD"].final), r["RPD"].lr, fmt(r["RPD"].final),
+            r["RPD"].grid, r["LocalSGD"].lr, fmt(r["LocalSGD"].final),
+            _winner(r, "final"), _winner(r, "score"))
+        if seeds > 1:
+            cells += tuple(_mean_std(r[m]) for m in ("PD", "RPD", "LocalSGD"))
+        body.append((*cells, "-" if quick else ("PD" if r["S"] == 2 else "LocalSGD")))
+    extra = tuple(f"{m} final, mean ± std over {seeds} seeds" for m in ("PD", "RPD", "LocalSGD")
+                  ) if seeds > 1 else ()
     return markdown_table(("S", "PD lr", "PD f−f⋆", "RPD lr", "RPD f−f⋆", "RPD grid",
                            "LocalSGD lr", "LocalSGD f−f⋆", "lower of PD/LocalSGD (final)",
-                           "lower (mean of last 10%)", "paper"), body)
+                           "lower (mean of last 10%)", *extra, "paper"), body)
 
 
 def plot_e5(measured: dict[str, dict[str, dict[str, Any]]], path: str | Path, budget: int
@@ -247,23 +303,34 @@ def plot_e5(measured: dict[str, dict[str, dict[str, Any]]], path: str | Path, bu
     """Final f − f⋆ and its mean over the last 10 % of the budget, per method, against S.
 
     `measured` is E5.json's: {S: {method: {"final": ..., "score": ...}}}, so the figure can be
-    redrawn from the JSON alone.
+    redrawn from the JSON alone. Where a point has several seeds ("seed_finals",
+    "seed_scores") the line is their mean and the band their min–max.
     """
     plt = pyplot()
-    from matplotlib.ticker import LogLocator, ScalarFormatter
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     s = sorted(int(k) for k in measured)
+    seeds = 1
     for ax, key, what in zip(axes, ("final", "score"), ("at the budget", "mean, last 10 %")):
         for method, style in (("PD", "o-"), ("RPD", "s--"), ("LocalSGD", "^-")):
-            y = [measured[str(x)][method][key] for x in s]
-            ax.plot(s, [v if v is not None else float("nan") for v in y], style, label=method)
+            points = [measured[str(x)][method] for x in s]
+            per_seed = [p.get(f"seed_{key}s") for p in points]
+            if all(v for v in per_seed):
+                vals = [np.array(v, dtype=float) for v in per_seed]
+                seeds = max(seeds, max(v.size for v in vals))
+                (line,) = ax.plot(s, [v.mean() for v in vals], style, label=method)
+                ax.fill_between(s, [v.min() for v in vals], [v.max() for v in vals],
+                                color=line.get_color(), alpha=0.18, lw=0)
+            else:
+                y = [p[key] for p in points]
+                ax.plot(s, [v if v is not None else float("nan") for v in y], style,
+                        label=method)
         ax.set(xscale="log", yscale="log", xlabel="stages S", title=f"f − f⋆ {what}")
         ax.set_xticks(s, [str(x) for x in s])
         ax.set_xticks([], minor=True)
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        tidy_log_axis(ax)
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].legend(fontsize=8, title="best lr per S and method", title_fontsize=8)
-    fig.suptitle(f"E5: noisy logistic regression (σ = 0.5), fixed budget of {budget} slots")
-    return save_png(fig, path)
+    axes[0].set_ylabel("f(w) − f⋆")
+    axes[0].legend(fontsize=8, title="best lr per S and method (seed 0)", title_fontsize=8)
+    fig.suptitle(f"E5: noisy logistic regression (σ = 0.5), fixed budget of {budget} slots; "
+                 + (f"mean of {seeds} seeds, band min–max" if seeds > 1 else "seed 0"))
+    return save_figure(fig, path)

@@ -46,7 +46,8 @@ def run_named(name: str, st: Settings) -> tuple[Outcome, float]:
     write_text(st.out / f"{name}.md", report(name, title, st, outcome, seconds))
     write_text(st.out / f"{name}.json", jsonout.dumps(
         {"experiment": name, "quick": st.quick, "seconds": seconds,
-         "png": str(outcome.png), "measured": outcome.measured, "notes": outcome.notes},
+         "seeds": st.seeds, "png": str(outcome.png), "measured": outcome.measured,
+         "notes": outcome.notes},
         indent=1, default=float))
     return outcome, seconds
 
@@ -54,7 +55,8 @@ def run_named(name: str, st: Settings) -> tuple[Outcome, float]:
 def report(name: str, title: str, st: Settings, outcome: Outcome, seconds: float) -> str:
     """The Markdown of one experiment run."""
     command = f"rpd-mpi experiment {name} --out {shlex.quote(str(st.out))}" + \
-        (" --quick" if st.quick else "") + f" --jobs {st.jobs}"
+        (" --quick" if st.quick else "") + f" --jobs {st.jobs}" + \
+        (f" --seeds {st.seeds}" if st.seeds > 1 else "")
     notes = "".join(f"- {n}\n" for n in outcome.notes)
     return (f"# {name}: {title}{' (quick)' if st.quick else ''}\n\n`{command}`\n\n"
             f"{outcome.table}\n\n{notes}\n![{name}]({outcome.png.name})\n\n"
@@ -76,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                         "DIR is created if missing, its parent must exist")
     p.add_argument("--quick", action="store_true", help="reduced sizes and grids")
     p.add_argument("--jobs", type=int_at_least(1), default=2, help="worker processes for sweeps")
+    p.add_argument("--seeds", type=int_at_least(1), default=1,
+                   help="seeds per curve (E2-E6): each step size is picked at seed 0, then "
+                        "the picked run is repeated at seeds 1..N-1 and the figure shows the "
+                        "mean with a min-max band (default 1; E1 has no randomness)")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -86,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         total = 0.0
         for name in names:
             out = base / name if (args.name == "all" or args.out is None) else base
-            settings = Settings(out, args.quick, max(1, args.jobs), _progress(name))
+            settings = Settings(out, args.quick, max(1, args.jobs), _progress(name),
+                                args.seeds)
             outcome, seconds = run_named(name, settings)
             total += seconds
             print((out / f"{name}.md").read_text())

@@ -15,6 +15,7 @@ class Settings:
     quick: bool = False
     jobs: int = 2
     log: Callable[[str], None] | None = None     # progress lines (main: stderr)
+    seeds: int = 1          # seeds per tuned curve: lr picked at seed 0, rerun at 1..seeds-1
 
 
 @dataclass

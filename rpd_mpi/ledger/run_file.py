@@ -3,11 +3,12 @@
 This module owns the on-disk layout. Engines hand it a `RunRecord` (`rpd_mpi.records`);
 analysis reads a `RunRecord` back. docs/LEDGER.md has the same schema as a table.
 
-Run file (`run.h5`, schema version 1)::
+Run file (`run.h5`, schema version 2; version 1 files are still read)::
 
     /                       attrs: schema_version (int), complete (bool, written last),
                             package_version (str), config (JSON str), json_attrs (JSON list),
-                            and every entry of RunRecord.attrs
+                            time_units ("slots" or "s"), and every entry of RunRecord.attrs
+                            (provenance included: created, git_commit, command_line, ...)
     /updates/<field>        K rows each, in global update order k:
                             k, microbatch, batch, version, local_staleness (int64);
                             stage, group, trajectory (int32); loss, grad_norm, time (float64)
@@ -17,6 +18,15 @@ Run file (`run.h5`, schema version 1)::
     /final_blocks/block_000 ... one dataset per stage (shapes and dtypes as the engine gave)
     /timeline/kind          T x S int8 op codes (only when the run had a unit-time timeline)
     /timeline/mb            T x S int64 microbatch ids (idle cells as the engine filled them)
+
+Schema version 2 makes the file self-describing (`rpd_mpi.ledger.schema` has the table):
+every dataset has `description` and `units` attributes, /events also `fields` (JSON field ->
+"description [units]") and `op_codes` (JSON code -> name; /timeline/kind too), and the
+dimensions are HDF5 dimension scales, so h5netcdf/xarray name them: /stage (a coordinate,
+0..S-1) and /event at the root, /updates/update, /objective/objective_point and
+/timeline/slot (netCDF "dimension but not a variable" scales: no storage). /final_blocks has
+no scales (open that group with phony_dims="sort").
+Version 1 files have none of this and read the same.
 
 Attribute encoding: str, bool, int, float (Python or numpy scalars) are stored natively.
 Lists, tuples, dicts, numpy arrays and None are stored as JSON strings, their names listed
@@ -51,11 +61,18 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
-from rpd_mpi import __version__
+from rpd_mpi.ledger import schema
+from rpd_mpi.ledger.provenance import package_version
 from rpd_mpi.records import EVENT_DTYPE, Objective, RunRecord, Updates
 
-SCHEMA_VERSION = 1
-RESERVED_ATTRS = ("schema_version", "complete", "package_version", "config", "json_attrs")
+SCHEMA_VERSION = 2
+#: Schema versions `read_run` and `read_part` accept (1: before the units/dimension scales).
+READABLE_VERSIONS = (1, 2)
+RESERVED_ATTRS = ("schema_version", "complete", "package_version", "config", "json_attrs",
+                  "time_units")
+#: The NAME of an HDF5 dimension scale that is a netCDF dimension but not a variable
+#: (netCDF-C's marker, which h5netcdf and so xarray honour).
+NOT_A_VARIABLE = "This is a netCDF dimension but not a netCDF variable."
 
 #: dtype of every /updates dataset (delays: int64, K x S).
 UPDATE_DTYPES: dict[str, np.dtype] = {
@@ -93,6 +110,7 @@ def write_run(path: str | os.PathLike[str], record: RunRecord, run_id: str = "")
             _write_objective(f.create_group("objective"), record.objective)
             _write_blocks(f.create_group("final_blocks"), record.final_blocks)
             _write_timeline(f, record.timeline_kind, record.timeline_mb)
+            _describe(f, record)
             f.attrs["complete"] = True
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -105,7 +123,8 @@ def _write_attrs(f: h5py.File, record: RunRecord) -> None:
     if clash:
         raise LedgerError(f"RunRecord.attrs uses names reserved by the ledger: {clash}")
     f.attrs["schema_version"] = SCHEMA_VERSION
-    f.attrs["package_version"] = __version__
+    f.attrs["package_version"] = package_version()
+    f.attrs["time_units"] = schema.time_units(record.attrs.get("engine"))
     f.attrs["config"] = _to_json(record.config, "config")
     json_names = []
     for name, value in record.attrs.items():
@@ -202,6 +221,65 @@ def _write_timeline(f: h5py.File, kind: np.ndarray | None, mb: np.ndarray | None
         _create(group, "mb", _cast(mb, np.dtype("i8"), "timeline_mb"), compress=True)
 
 
+def _describe(f: h5py.File, record: RunRecord) -> None:
+    """Schema 2: `description`/`units` on every dataset and group, the op codes and event
+    fields on /events, and dimension scales attached to every axis (docs/LEDGER.md)."""
+    engine, objective = record.attrs.get("engine"), record.attrs.get("objective")
+    for name, entry in schema.DATASETS.items():
+        if name in f:
+            _label(f[name], entry.description,
+                   schema.units_for(entry.units, engine, objective))
+            _attach(f, f[name], entry.dims)
+    for name, text in schema.GROUPS.items():
+        if name in f:
+            f[name].attrs["description"] = text
+    events = f["events"]
+    events.attrs["fields"] = schema.event_fields(engine, objective)
+    events.attrs["op_codes"] = json.dumps(schema.OP_CODES)
+    if "timeline/kind" in f:
+        f["timeline/kind"].attrs["op_codes"] = json.dumps(schema.OP_CODES)
+    for s in range(int(f["final_blocks"].attrs["count"])):      # no scales: see block_entry
+        entry = schema.block_entry(s)
+        _label(f["final_blocks"][_block_name(s)], entry.description, entry.units)
+
+
+def _label(obj: h5py.HLObject, description: str, units: str) -> None:
+    obj.attrs["description"] = description
+    obj.attrs["units"] = units
+
+
+def _attach(f: h5py.File, dataset: h5py.Dataset, dims: tuple[str, ...]) -> None:
+    """Attach a dimension scale to each axis of `dataset`, creating the scale on first use:
+    `stage` (a coordinate) and `event` at the root, the others in the dataset's group. A
+    scale of the right name but another length is not reused: the axis gets `<name>_<n>`."""
+    if len(dims) != dataset.ndim:
+        return
+    for axis, name in enumerate(dims):
+        size = int(dataset.shape[axis])
+        home = f if name in ("stage", "event") else dataset.parent
+        scale = _scale(home, name, size)
+        dataset.dims[axis].attach_scale(scale)
+        dataset.dims[axis].label = name
+
+
+def _scale(group: h5py.Group, name: str, size: int) -> h5py.Dataset:
+    existing = group.get(name)
+    if isinstance(existing, h5py.Dataset) and existing.shape == (size,) and \
+            existing.attrs.get("CLASS") == b"DIMENSION_SCALE":
+        return existing
+    if existing is not None:
+        return _scale(group, f"{name}_{size}", size)
+    described = schema.dimension_description(name)
+    if name == "stage":
+        scale = group.create_dataset(name, data=np.arange(size, dtype=np.int32))
+        scale.make_scale(name)
+    else:
+        scale = group.create_dataset(name, shape=(size,), dtype="f4")
+        scale.make_scale(f"{NOT_A_VARIABLE}{size:10d}")
+    _label(scale, f"dimension: {described}" if described else "dimension", "1")
+    return scale
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -227,9 +305,10 @@ def check_version(f: h5py.File, path: str | os.PathLike[str]) -> None:
         raise LedgerError(f"{path} is not an rpd_mpi ledger (no schema_version attribute)")
     version = f.attrs["schema_version"]
     if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)) \
-            or int(version) != SCHEMA_VERSION:
+            or int(version) not in READABLE_VERSIONS:
         raise LedgerError(f"{path} has ledger schema version {_plain(version)!r}; "
-                          f"this rpd_mpi reads version {SCHEMA_VERSION}")
+                          f"this rpd_mpi reads version "
+                          f"{' or '.join(map(str, READABLE_VERSIONS))}")
 
 
 def is_complete(value: object) -> bool:
@@ -264,7 +343,7 @@ _TYPED_ATTRS: dict[str, tuple[type, ...]] = {
 
 def read_run(path: str | os.PathLike[str]) -> RunRecord:
     """Read a run file written by `write_run`; LedgerError naming the file if it is not a
-    complete v1 ledger or a part of it is missing or malformed."""
+    complete ledger of a readable schema version (1 or 2) or a part of it is missing or malformed."""
     with open_ledger(path, "ledger") as f:
         _check_header(f, path)
         try:
@@ -282,6 +361,13 @@ def read_run(path: str | os.PathLike[str]) -> RunRecord:
             raise LedgerError(f"{path} is malformed: {type(exc).__name__}: {exc}") from exc
     _check_attrs(record.attrs, path)
     return record
+
+
+def ledger_version(path: str | os.PathLike[str]) -> int:
+    """The schema version of a readable ledger (LedgerError otherwise)."""
+    with open_ledger(path, "ledger") as f:
+        check_version(f, path)
+        return int(f.attrs["schema_version"])
 
 
 def _read_config(f: h5py.File) -> dict[str, Any]:

@@ -44,7 +44,8 @@ class RPDRunner:
         self.mod = model.make_stage(self.i)
         self.rec = Recorder(part, comm, t0, sl.stop - sl.start, cfg.eval_every)
         self.losses = np.full(plan.stage.size, np.nan)
-        self.progress = Progress(plan.stage.size, comm.rank == 0)
+        self.progress = Progress(plan.stage.size, comm.rank == 0 and not cfg.quiet,
+                                 what="iterations")
         K = plan.stage.size
         back = int((plan.stage <= self.i).sum())      # iterations whose backward reaches i
         self.links = stage_links(comm, self.i, self.S, model.activation_shape(self.i), K, back,

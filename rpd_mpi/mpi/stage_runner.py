@@ -60,7 +60,7 @@ class StageRunner:
         self.waiter, self.op_cost = waiter, cfg.runtime.op_cost
         self.handlers: dict[int, Callable[[int], None]] = {
             FWD: self.forward, BWD: self.backward, AVG: self.average}
-        self.progress = Progress(tl.microbatches, comm.rank == 0)
+        self.progress = Progress(tl.microbatches, comm.rank == 0 and not cfg.quiet)
         self.fault = _parse_fault(cfg.runtime.fault, comm.rank)
         self.ops_done = 0
         self.idle_since: float | None = None

@@ -21,7 +21,7 @@ import numpy as np
 
 from rpd_mpi.ledger import read_run
 from rpd_mpi.ledger.run_file import ledger_version
-from rpd_mpi.ledger.schema import (DATASETS, EVENT_FIELDS, OP_CODES, time_units, units_for)
+from rpd_mpi.ledger.schema import DATASETS, EVENT_FIELDS, OP_CODES, time_units, units_for
 from rpd_mpi.records import UPDATE_FIELDS, Objective, RunRecord, Updates
 
 ANALYSIS_HINT = "pip install rpd_mpi[analysis]"

@@ -233,7 +233,10 @@ def to_record(cfg: RunConfig, model: Model, trace: Trace, tl: Timeline | None, *
         "hosts": [socket.gethostname()], "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
     }
     attrs["run_id"] = run_id
-    attrs["status"] = "diverged" if trace.divergence is not None else "complete"
+    attrs["status"] = "diverged" if trace.divergence is not None else \
+        "stopped" if trace.stopped else "complete"
+    if trace.stopped:
+        attrs["stopped_by"] = trace.stopped
     if trace.divergence is not None:
         attrs.update(trace.divergence.to_attrs())
     vocab = getattr(model, "vocab", None)          # the char LM's alphabet

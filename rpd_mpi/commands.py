@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Callable
 
-from rpd_mpi import analysis, jsonout
+from rpd_mpi import analysis, jsonout, signals
 from rpd_mpi.budget import check_timeline
 from rpd_mpi.build import build, simulate_run
 from rpd_mpi.config import ConfigError, ScheduleConfig
@@ -22,8 +22,8 @@ from rpd_mpi.experiments import registry
 from rpd_mpi.flags import FLAGS, TRAIN_FLAGS, config_from
 from rpd_mpi.ledger import LedgerError, read_run
 from rpd_mpi.ledger.report import compare_table, format_summary, summarize
-from rpd_mpi.outputs import (EXIT_DIVERGED, EXIT_OK, EXIT_WRITE, OutLock, WriteFailed, check_out,
-                             inputs_of, new_run_id, write_out)
+from rpd_mpi.outputs import (EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, EXIT_WRITE, OutLock, WriteFailed,
+                             check_out, inputs_of, new_run_id, stopped_line, write_out)
 from rpd_mpi.records import Divergence, RunRecord
 from rpd_mpi.schedule import Timeline, generate
 from rpd_mpi.schedule.delays import delay_stats, pd_steady_max
@@ -55,8 +55,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     lock = OutLock(cfg.out, run_id)
     lock.acquire()
     try:
-        record = simulate_run(cfg, build(cfg), run_id)
-        write_out(cfg.out, record, run_id)
+        with signals.catching():             # SIGTERM/SIGINT/SIGUSR1: stop, keep the run
+            record = simulate_run(cfg, build(cfg), run_id)
+            write_out(cfg.out, record, run_id)
     finally:
         lock.release()
     _print_summary(record, args.json, cfg.out)
@@ -64,7 +65,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _outcome(record: RunRecord, lr: float) -> int:
-    """The exit code of a written run; a diverged run also gets its one line."""
+    """The exit code of a written run; a diverged or stopped run also gets its one line."""
+    if record.attrs.get("status") == "stopped":
+        print(f"rpd-mpi: {stopped_line(record)}", file=sys.stderr)
+        return EXIT_STOPPED
     if record.attrs.get("status") != "diverged":
         return EXIT_OK
     print(f"rpd-mpi: error: {Divergence.from_attrs(record.attrs).describe(lr)}",

@@ -23,8 +23,8 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-from rpd_mpi.config import (DELAY_SOURCES, DEVICES, METHODS, OBJECTIVES, ORDERS, TRANSPORTS,
-                            WAITS, ConfigError, RunConfig, toml_text)
+from rpd_mpi.config import (DELAY_SOURCES, DEVICES, METHODS, OBJECTIVES, ORDERS, TRANSPORTS, WAITS,
+                            ConfigError, RunConfig, toml_text)
 from rpd_mpi.ledger import LedgerError, read_run
 
 #: flag -> (section or "" for top level, field, type, help)

@@ -30,7 +30,13 @@ from rpd_mpi.ledger import LedgerError, write_run
 from rpd_mpi.records import RunRecord
 
 #: Exit codes of `simulate` and `train` (README "Exit codes").
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE, EXIT_STOPPED = 0, 1, 2, 3, 4, 5
+
+
+def stopped_line(record: RunRecord) -> str:
+    """The one line of a run a signal stopped (its ledger holds the updates so far)."""
+    return (f"stopped by {record.attrs.get('stopped_by')} after {len(record.updates)} block "
+            f"updates; {record.config.get('out')} holds them (status = stopped)")
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),

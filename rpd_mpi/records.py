@@ -165,3 +165,4 @@ class Trace:
     final_weights: np.ndarray      # the full vector (LocalSGD: averaged over copies)
     events: np.ndarray
     divergence: Divergence | None = None    # set when the run stopped as diverged
+    stopped: str = ""                       # the signal that stopped the run (e.g. SIGTERM)

@@ -30,9 +30,9 @@ from typing import Sequence
 
 import numpy as np
 
-from rpd_mpi.analysis.common import (FIGURE_HELP, Parser, ToolError, check_figure_file,
-                                     describe, fmt, gaps, guarded, markdown_table, problem_text,
-                                     pyplot, save_figure, tidy_log_axis)
+from rpd_mpi.analysis.common import (FIGURE_HELP, Parser, ToolError, check_figure_file, describe,
+                                     fmt, gaps, guarded, markdown_table, problem_text, pyplot,
+                                     save_figure, tidy_log_axis)
 from rpd_mpi.ledger.run_file import read_run
 from rpd_mpi.records import RunRecord
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from rpd_mpi import jsonout
-from rpd_mpi.analysis.common import (Parser, ToolError, check_out_dir, figure_formats,
-                                     guarded, int_at_least, markdown_table, parallel_map,
-                                     pyplot, save_figure, write_text)
+from rpd_mpi.analysis.common import (Parser, ToolError, check_out_dir, figure_formats, guarded,
+                                     int_at_least, markdown_table, parallel_map, pyplot,
+                                     save_figure, write_text)
 from rpd_mpi.budget import check_timeline
 from rpd_mpi.schedule.delays import delay_stats, pd_steady_max
 from rpd_mpi.schedule.generate import generate

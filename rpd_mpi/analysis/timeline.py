@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from rpd_mpi.analysis.common import (FIGURE_HELP, Parser, ToolError, check_figure_file,
-                                     guarded, int_at_least, markdown_table, pyplot, run_title,
-                                     save_figure)
+from rpd_mpi.analysis.common import (FIGURE_HELP, Parser, ToolError, check_figure_file, guarded,
+                                     int_at_least, markdown_table, pyplot, run_title, save_figure)
 from rpd_mpi.budget import check_timeline
 from rpd_mpi.build import schedule_of
 from rpd_mpi.config import ConfigError, RunConfig

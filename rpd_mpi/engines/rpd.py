@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rpd_mpi import signals
 from rpd_mpi.engines.blocks import BlockState
 from rpd_mpi.engines.cadence import due
 from rpd_mpi.engines.health import Diverged, Health
@@ -85,9 +86,10 @@ def simulate_rpd(model: Model, lr: float, plan: RPDPlan, *, delta: int,
     rows: list[UpdateRow] = []
     obj_t, obj_k, obj_v = [0.0], [0], [model.full_objective(w)]
     counted = 0                      # updates done when the objective was last checked
-    divergence = None
+    divergence, stopped = None, ""
     try:
         for k in range(K):
+            signals.check()                  # SIGTERM & co.: stop between updates
             s_k, m_k = int(plan.stage[k]), int(plan.batch[k])
             reads = [st.read_at(k - int(d)) for st, d in zip(states, plan.delays[k])]
             loss, g_w = _block_gradient(mods, [r[0] for r in reads], s_k, m_k)
@@ -105,15 +107,18 @@ def simulate_rpd(model: Model, lr: float, plan: RPDPlan, *, delta: int,
                     obj_v.append(model.full_objective(w))
                     health.objective(obj_v[-1], k + 1)
                 counted = k + 1
-    except Diverged as err:                 # stop: keep the updates before the bad value
-        divergence = replace(err.divergence, update=len(rows))
+    except (Diverged, signals.SignalStop) as err:    # stop: keep the updates before it
+        if isinstance(err, Diverged):
+            divergence = replace(err.divergence, update=len(rows))
+        else:
+            stopped = signals.name(err.signum)
         if obj_k[-1] != len(rows):
             obj_t.append(time[len(rows) - 1] if rows else 0.0)
             obj_k.append(len(rows))
             obj_v.append(model.full_objective(w))
     objective = Objective(np.array(obj_t), np.array(obj_k, np.int64), np.array(obj_v))
     return Trace(to_updates(row_array(rows), plan.delays), objective, w.copy(), empty_events(),
-                 divergence)
+                 divergence, stopped)
 
 
 def _block_gradient(mods: list[Stage], blocks: list[np.ndarray], s_k: int, batch: int

@@ -16,6 +16,7 @@ from typing import Any, Callable, cast
 
 import numpy as np
 
+from rpd_mpi import signals
 from rpd_mpi.engines.blocks import BlockState, FlushBuffer, batch_of
 from rpd_mpi.engines.cadence import due
 from rpd_mpi.engines.health import Diverged, Health
@@ -91,6 +92,7 @@ class _Engine:
         self.obj_t, self.obj_k, self.obj_v = [0.0], [0], [self.tracker.value()]
         for t, slot_ops in enumerate(ops):
             self.slot = t
+            signals.check()                  # SIGTERM & co.: stop between slots
             before = len(self.rows)
             for g in range(self.G):
                 for op, s, mb in slot_ops:
@@ -146,15 +148,17 @@ def simulate(tl: Timeline, model: Model, lr: float, *, groups: int = 1,
     eng = _Engine(tl, model, lr, groups, Health(diverge_factor))
     try:
         objective = eng.run(eval_every, progress)
-    except Diverged as err:                  # stop: keep what was done before the bad value
-        divergence = replace(err.divergence, update=len(eng.rows))
+    except (Diverged, signals.SignalStop) as err:   # stop: keep what was done before it
+        divergence = replace(err.divergence, update=len(eng.rows)) \
+            if isinstance(err, Diverged) else None
+        stopped = signals.name(err.signum) if isinstance(err, signals.SignalStop) else ""
         if eng.obj_k[-1] != len(eng.rows):
             eng.obj_t.append(eng.slot + 1)
             eng.obj_k.append(len(eng.rows))
             eng.obj_v.append(eng.tracker.value())
         done = tl.truncate(eng.slot)             # the events of the slots that completed
         return Trace(_updates(eng.rows, tl, groups), eng.objective(), eng.weights().copy(),
-                     sim_events(done, groups, eng.fversion), divergence)
+                     sim_events(done, groups, eng.fversion), divergence, stopped)
     updates = _updates(eng.rows, tl, groups)
     return Trace(updates, objective, eng.weights().copy(), sim_events(tl, groups, eng.fversion))
 

@@ -58,9 +58,11 @@ def _plain(value: Any) -> Any:
 
 
 def _status(record: RunRecord) -> str:
-    """complete, or diverged (at update k: what = value)."""
+    """complete, stopped (by SIGTERM ...), or diverged (at update k: what = value)."""
     a = record.attrs
     status = str(a.get("status") or "complete")
+    if status == "stopped":
+        status += f" by {a.get('stopped_by')} after {len(record.updates)} updates"
     if status == "diverged":
         status += (f" at update {a.get('diverged_update')}: {a.get('diverged_what')} = "
                    f"{a.get('diverged_value')} (stage {a.get('diverged_stage')}, microbatch "

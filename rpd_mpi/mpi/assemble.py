@@ -33,6 +33,7 @@ class RankMeta:
     device: dict[str, Any] | None  # --device cuda: the rank's GPU and transport
     divergence: Divergence | None = None   # this rank saw the run diverge
     write_error: str = ""                  # this rank's part file could not be written
+    signal: str = ""                       # the stop signal this rank received (SIGTERM, ...)
 
 
 def assemble(cfg: RunConfig, model: Model, tl: Timeline, rpd: RPDSetup | None, size: int,
@@ -57,7 +58,9 @@ def assemble(cfg: RunConfig, model: Model, tl: Timeline, rpd: RPDSetup | None, s
     objective, final = objective_curve(model, snaps, updates.time, cfg.eval_every, copies)
     seen = [m.divergence for m in meta if m.divergence is not None]
     divergence = replace(seen[0], update=len(updates)) if seen else None
-    trace = Trace(updates, objective, final, events, divergence)
+    signalled = [m.signal for m in meta if m.signal]
+    trace = Trace(updates, objective, final, events, divergence,
+                  signalled[0] if signalled and divergence is None else "")
     extra: dict[str, Any] = {
         "mpi_library": commlib.library_version(), "world_size": size,
         "hosts": sorted({m.host for m in meta}),

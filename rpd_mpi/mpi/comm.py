@@ -21,6 +21,8 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 import numpy as np
 from mpi4py import MPI
 
+from rpd_mpi import signals
+
 T = TypeVar("T")
 
 
@@ -41,6 +43,9 @@ class Stopped(CommError):
 
 
 STOP_TAG = 17
+STOP_DIVERGED = 1             # a rank saw a non-finite loss or gradient
+STOP_SIGNAL = 2               # a rank received SIGTERM, SIGINT or SIGUSR1 (rpd_mpi.signals)
+STOP_WRITE = 3                # a rank could not write its part file (the largest code wins)
 
 
 class StopFlag:
@@ -68,7 +73,10 @@ class StopFlag:
                      for r in range(self.size) if r != self.rank]
 
     def raised(self) -> bool:
-        """Has any rank announced a stop (this one included)?"""
+        """Has any rank announced a stop (this one included)? A stop signal this rank
+        received is announced here."""
+        if not self.sent and not self.code and signals.received():
+            self.announce(STOP_SIGNAL)
         while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=STOP_TAG):
             self.comm.Recv(self._buf, source=MPI.ANY_SOURCE, tag=STOP_TAG)
             self.received += 1

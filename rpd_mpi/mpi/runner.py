@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from rpd_mpi.engines.health import Diverged
-from rpd_mpi.mpi.comm import Comm, StageLinks, Stopped, Waiter
+from rpd_mpi.mpi.comm import STOP_DIVERGED, STOP_WRITE, Comm, StageLinks, Stopped, Waiter
 from rpd_mpi.mpi.recorder import PartWriteFailed
 from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.records import Divergence
 
-STOP_DIVERGED = 1             # the stop code a diverging rank announces
-STOP_WRITE = 2                # a rank could not write its part file (the larger code wins)
+# the stop codes (comm.STOP_*): DIVERGED < SIGNAL < WRITE, the largest announced wins
 
 
 @dataclass

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from rpd_mpi import signals
 from rpd_mpi.build import RPDSetup, build, rpd_setup, schedule_of
 from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.ledger.parts import RankPart, part_path
@@ -31,13 +32,15 @@ from rpd_mpi.mpi import backend as backendlib
 from rpd_mpi.mpi import comm as commlib
 from rpd_mpi.mpi import comm_gpu
 from rpd_mpi.mpi.assemble import RankMeta, assemble
+from rpd_mpi.mpi.comm import STOP_DIVERGED, STOP_SIGNAL, STOP_WRITE
 from rpd_mpi.mpi.recorder import WRITE_ERRORS, io_reason, snapshot_dtype
 from rpd_mpi.mpi.rpd_runner import RPDRunner
-from rpd_mpi.mpi.runner import STOP_DIVERGED, STOP_WRITE, RunnerResult, drain_after_stop, warm_up
+from rpd_mpi.mpi.runner import RunnerResult, drain_after_stop, warm_up
 from rpd_mpi.mpi.stage_runner import StageRunner
 from rpd_mpi.objectives.protocol import Model
-from rpd_mpi.outputs import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_WRITE,
-                             OutLock, WriteFailed, check_out, inputs_of, new_run_id, write_out)
+from rpd_mpi.outputs import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_STOPPED,
+                             EXIT_WRITE, OutLock, WriteFailed, check_out, inputs_of, new_run_id,
+                             stopped_line, write_out)
 from rpd_mpi.records import Divergence, RunRecord
 from rpd_mpi.schedule.programs import stage_program
 from rpd_mpi.schedule.timeline import Timeline
@@ -182,7 +185,8 @@ def train(make_config: Callable[[], RunConfig],
         prep.release()
         comm.abort(EXIT_FAILED)
         raise
-    code = {STOP_DIVERGED: EXIT_DIVERGED, STOP_WRITE: EXIT_WRITE}.get(outcome.stop, EXIT_OK)
+    code = {STOP_DIVERGED: EXIT_DIVERGED, STOP_SIGNAL: EXIT_STOPPED,
+            STOP_WRITE: EXIT_WRITE}.get(outcome.stop, EXIT_OK)
     if outcome.record is not None:
         code = _write(cfg, comm, prep, outcome.record, code, show)
     if outcome.stop:        # nobody leaves before rank 0 has written and said why: mpiexec
@@ -209,6 +213,8 @@ def _write(cfg: RunConfig, comm: commlib.Comm, prep: Prepared, record: RunRecord
     for r in range(comm.size):
         os.remove(part_path(cfg.out, r, prep.run_id))
     show(record)
+    if code == EXIT_STOPPED:
+        print(f"rpd-mpi: {stopped_line(record)}", file=sys.stderr)
     if code == EXIT_DIVERGED:
         print(f"rpd-mpi: error: {Divergence.from_attrs(record.attrs).describe(cfg.lr)}",
               file=sys.stderr)
@@ -245,8 +251,10 @@ def _run(cfg: RunConfig, comm: commlib.Comm, prep: Prepared, device: Device | No
     offset = comm.clock_offset()                   # (start-up waits: Comm.AGREE_TIMEOUT)
     t0 = comm.start_time() - offset                # rank 0's t = 0, read on this rank's clock
     comm.set_waiter(waiter)                        # from here on every wait: --timeout
-    result = _execute(cfg, prep, comm, part, waiter, t0, device)
-    stop = comm.stop.settle(waiter)
+    with signals.catching():                       # SIGTERM & co. stop the job, not kill it
+        result = _execute(cfg, prep, comm, part, waiter, t0, device)
+        stop = comm.stop.settle(waiter)
+        signum = signals.received()
     quiet = drain_after_stop(comm, result.links, waiter) if stop else True
     write_error = _close(part, complete=not stop, flush=not result.write_error) \
         or result.write_error
@@ -254,7 +262,8 @@ def _run(cfg: RunConfig, comm: commlib.Comm, prep: Prepared, device: Device | No
                     blocked=waiter.blocked, strategy="polite" if waiter.polite else "spin",
                     clock_offset=offset, losses=result.losses,
                     device=device.info if device is not None else None,
-                    divergence=result.divergence, write_error=write_error)
+                    divergence=result.divergence, write_error=write_error,
+                    signal=signals.name(signum))
     meta = comm.gather(mine)
     comm.barrier()          # every part is closed
     if comm.rank != 0 or meta is None:

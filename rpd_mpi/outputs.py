@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import socket
 import stat
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.ledger import LedgerError, write_run
+from rpd_mpi.ledger.run_file import WRITE_ERRORS, io_reason
 from rpd_mpi.records import RunRecord
 
 #: Exit codes of `simulate` and `train` (README "Exit codes").
@@ -187,11 +187,7 @@ def write_out(out: str, record: RunRecord, run_id: str) -> None:
     file that could pass for complete (the partial file is removed) and raises WriteFailed."""
     try:
         write_run(out, record, run_id)
-    except (OSError, RuntimeError) as err:         # h5py raises both for a failed write
-        errno = getattr(err, "errno", None)
-        found = re.search(r"error message = '([^']*)'", str(err))
-        reason = os.strerror(errno) if errno else found.group(1) if found else \
-            str(err).splitlines()[0]
-        raise WriteFailed(f"writing {out}: {reason}") from None
+    except WRITE_ERRORS as err:
+        raise WriteFailed(f"writing {out}: {io_reason(err)}") from None
     except LedgerError as err:
         raise WriteFailed(f"writing {out}: {err}") from None

@@ -55,6 +55,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -91,6 +92,21 @@ class LedgerError(Exception):
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+#: h5py raises OSError or RuntimeError for a failed write (HDF5 reports both ways)
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
+def io_reason(err: Exception) -> str:
+    """The one-line reason of a failed write (h5py's messages span several lines)."""
+    errno = getattr(err, "errno", None)
+    if errno:
+        return os.strerror(errno)
+    found = re.search(r"error message = '([^']*)'", str(err))
+    if found:
+        return found.group(1)
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def write_run(path: str | os.PathLike[str], record: RunRecord, run_id: str = "") -> None:

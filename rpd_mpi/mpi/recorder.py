@@ -8,8 +8,6 @@ after the last. `hold` emulates compute for `--op-cost`.
 
 from __future__ import annotations
 
-import os
-import re
 import time
 from typing import Any, Callable
 
@@ -17,6 +15,7 @@ import numpy as np
 
 from rpd_mpi.engines.cadence import snapshot_every
 from rpd_mpi.ledger.parts import RankPart
+from rpd_mpi.ledger.run_file import WRITE_ERRORS, io_reason
 from rpd_mpi.mpi.comm import Comm, wtime
 from rpd_mpi.records import EVENT_DTYPE, UPDATE_ROW_DTYPE, UpdateRow
 
@@ -40,21 +39,6 @@ def hold(op_cost: float, start: float) -> None:
 
 class PartWriteFailed(RuntimeError):
     """Appending to this rank's part file failed (disk full, quota, I/O error)."""
-
-
-#: h5py raises OSError or RuntimeError for a failed write (HDF5 reports both ways)
-WRITE_ERRORS = (OSError, RuntimeError)
-
-
-def io_reason(err: Exception) -> str:
-    """The one-line reason of a failed write (h5py's messages span several lines)."""
-    errno = getattr(err, "errno", None)
-    if errno:
-        return os.strerror(errno)
-    found = re.search(r"error message = '([^']*)'", str(err))
-    if found:
-        return found.group(1)
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 class Recorder:

@@ -28,12 +28,13 @@ from rpd_mpi import signals
 from rpd_mpi.build import RPDSetup, build, rpd_setup, schedule_of
 from rpd_mpi.config import ConfigError, RunConfig
 from rpd_mpi.ledger.parts import RankPart, part_path
+from rpd_mpi.ledger.run_file import WRITE_ERRORS, io_reason
 from rpd_mpi.mpi import backend as backendlib
 from rpd_mpi.mpi import comm as commlib
 from rpd_mpi.mpi import comm_gpu
 from rpd_mpi.mpi.assemble import RankMeta, assemble
 from rpd_mpi.mpi.comm import STOP_DIVERGED, STOP_SIGNAL, STOP_WRITE
-from rpd_mpi.mpi.recorder import WRITE_ERRORS, io_reason, snapshot_dtype
+from rpd_mpi.mpi.recorder import snapshot_dtype
 from rpd_mpi.mpi.rpd_runner import RPDRunner
 from rpd_mpi.mpi.runner import RunnerResult, drain_after_stop, warm_up
 from rpd_mpi.mpi.stage_runner import StageRunner

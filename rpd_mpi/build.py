@@ -143,16 +143,20 @@ def schedule_of(cfg: RunConfig) -> Timeline:
     return tl
 
 
-def simulate_run(cfg: RunConfig, model: Model | None = None, run_id: str = "") -> RunRecord:
-    """Run the simulator for `cfg` and return the record (complete, or diverged)."""
+def simulate_run(cfg: RunConfig, model: Model | None = None, run_id: str = "",
+                 progress: bool = False) -> RunRecord:
+    """Run the simulator for `cfg` and return the record (complete, diverged or stopped).
+    `progress`: progress lines on stderr (the `simulate` command; tools and sweeps stay
+    quiet)."""
     model = model if model is not None else build(cfg)
     tl = schedule_of(cfg)
+    show = progress and not cfg.quiet
     if cfg.schedule.method == "rpd":
-        trace, delta = _rpd(cfg, model, tl)
+        trace, delta = _rpd(cfg, model, tl, show)
     else:
         trace = simulate(tl, model, cfg.lr, groups=cfg.schedule.groups,
                          eval_every=cfg.eval_every,
-                         progress=Progress(tl.slots, not cfg.quiet, what="slots").tick,
+                         progress=Progress(tl.slots, show, what="slots").tick,
                          diverge_factor=cfg.diverge_factor)
         delta = int(trace.updates.delays.max()) if len(trace.updates) else 0
     return to_record(cfg, model, trace, tl, engine="sim", delta=delta, run_id=run_id)
@@ -168,11 +172,11 @@ class RPDSetup:
     clock: np.ndarray | None
 
 
-def _rpd(cfg: RunConfig, model: Model, tl: Timeline) -> tuple[Trace, int]:
+def _rpd(cfg: RunConfig, model: Model, tl: Timeline, show: bool) -> tuple[Trace, int]:
     setup = rpd_setup(cfg, model, tl)
     return simulate_rpd(model, cfg.lr, setup.plan, delta=setup.delta, clock=setup.clock,
                         eval_every=cfg.eval_every,
-                        progress=Progress(setup.plan.stage.size, not cfg.quiet,
+                        progress=Progress(setup.plan.stage.size, show,
                                          what="updates").tick,
                         diverge_factor=cfg.diverge_factor), setup.delta
 

@@ -56,7 +56,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     lock.acquire()
     try:
         with signals.catching():             # SIGTERM/SIGINT/SIGUSR1: stop, keep the run
-            record = simulate_run(cfg, build(cfg), run_id)
+            record = simulate_run(cfg, build(cfg), run_id, progress=True)
             write_out(cfg.out, record, run_id)
     finally:
         lock.release()

@@ -9,33 +9,19 @@ themselves are checked on 2 MPI ranks in tests/test_gpu_mock.py.
 
 from __future__ import annotations
 
-import importlib
-import sys
 from types import ModuleType
-from typing import Iterator
 
 import numpy as np
 import pytest
 
 from rpd_mpi.mpi.pinned import pinned_array
 
-FAKE = __import__("pathlib").Path(__file__).resolve().parent / "fakecupy"
-
-
-def _drop_cupy() -> None:
-    for name in [m for m in sys.modules if m == "cupy" or m.startswith("cupy.")]:
-        del sys.modules[name]
 
 
 @pytest.fixture
-def cp(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """A fresh mock as `cupy` for this test only."""
-    _drop_cupy()
-    monkeypatch.syspath_prepend(str(FAKE))
-    mod = importlib.import_module("cupy")
-    assert mod.MOCK
-    yield mod
-    _drop_cupy()
+def cp(fake_cupy: ModuleType) -> ModuleType:
+    """A fresh mock as `cupy` for this test only (tests/conftest.py)."""
+    return fake_cupy
 
 
 # ----- device memory is not host memory --------------------------------------------------

@@ -23,7 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -38,22 +37,6 @@ BIN = Path(sys.executable).parent
 MPIEXEC = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec"
 TINY = ["--objective", "charlm", "--stages", "3", "--width", "16", "--heads", "2",
         "--context", "8", "--batch-size", "3", "--lr", "0.1", "--seed", "2"]
-
-
-def _drop_cupy() -> None:
-    for name in [m for m in sys.modules if m == "cupy" or m.startswith("cupy.")]:
-        del sys.modules[name]
-
-
-@pytest.fixture
-def fake_cupy(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """A fresh mock as `cupy` for this test only (no GPU here: see the module doc)."""
-    _drop_cupy()
-    monkeypatch.syspath_prepend(str(FAKE))
-    mod = importlib.import_module("cupy")
-    assert mod.MOCK
-    yield mod
-    _drop_cupy()
 
 
 def load_wrong_links() -> ModuleType:

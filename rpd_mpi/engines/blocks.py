@@ -117,6 +117,36 @@ class BlockState:
     def take(self, key: int) -> Stashed:
         return self.stash.pop(key)
 
+    def checkpoint(self, host: Callable[[Any], Any] = np.asarray) -> dict[str, Any]:
+        """Everything but the blocks themselves (their owner saves those): versions, the
+        stash of in-flight microbatches, the flush sums, the RPD history, the first loss.
+        `host` copies a (device) array to numpy."""
+        hist = self.history
+        return {"version": list(self.version),
+                "stash": {k: Stashed(host(v.block).copy(), v.version, _copy_tree(v.cache, host))
+                          for k, v in self.stash.items()},
+                "flush": {c: [_copy_tree(acc[0], host), acc[1]]
+                          for c, acc in self.flush.sums.items()},
+                "history": None if hist is None else
+                {"ring": hist.ring.copy(), "updated_at": list(hist.updated_at)},
+                "first_loss": self.health.first_loss}
+
+    def restore(self, state: dict[str, Any], device: Callable[[Any], Any] = np.asarray
+                ) -> None:
+        """The inverse of `checkpoint` (the blocks are restored by their owner, in place);
+        `device` moves a numpy array to where the blocks live."""
+        self.version = list(state["version"])
+        self.stash = {k: Stashed(device(v.block), v.version, _copy_tree(v.cache, device))
+                      for k, v in state["stash"].items()}
+        self.flush.sums = {c: [_copy_tree(acc[0], device), acc[1]]
+                           for c, acc in state["flush"].items()}
+        if state["history"] is not None:
+            assert self.history is not None, "restoring an RPD history into a plain state"
+            self.history.ring[...] = state["history"]["ring"]
+            self.history.updated_at = list(state["history"]["updated_at"])
+        self.health.first_loss = state["first_loss"]
+
+
     def read_at(self, j: int) -> tuple[Any, int]:
         """RPD: copy 0's block as it was after j global updates, and its version."""
         assert self.history is not None, "read_at needs a BlockState made with history"
@@ -144,3 +174,14 @@ class BlockState:
         t_end = end() if callable(end) else end
         return UpdateRow(self.stage, self.group, trajectory, microbatch, batch, version, stale,
                          loss, norm, start, t_end)
+
+
+def _copy_tree(value: Any, move: Callable[[Any], Any]) -> Any:
+    """A copy of an array, or of the arrays in a tuple/list/dict of them (stage caches)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy_tree(v, move) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy_tree(v, move) for k, v in value.items()}
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return np.array(move(value), copy=True) if move is np.asarray else move(value).copy()
+    return value

@@ -20,6 +20,8 @@ from rpd_mpi import signals
 from rpd_mpi.engines.blocks import BlockState, FlushBuffer, batch_of
 from rpd_mpi.engines.cadence import due
 from rpd_mpi.engines.health import Diverged, Health
+from rpd_mpi.engines.resume import (Checkpoints, array_state, restore_arrays, restore_rngs,
+                                    rng_states)
 from rpd_mpi.objectives.protocol import Model, TrackedModel, Tracker
 from rpd_mpi.records import (BWD, FWD, Objective, Trace, UpdateRow, Updates, empty_events,
                              row_array, to_updates)
@@ -50,6 +52,8 @@ class _Engine:
             FWD: self._forward, BWD: self._backward}
         self.rows: list[UpdateRow] = []
         self.fversion = np.zeros((groups, tl.microbatches, self.S), dtype=np.int64)
+        self.obj_t, self.obj_k, self.obj_v = [0.0], [0], [self.tracker.value()]
+        self.slot = 0                      # the next slot to run
 
     def _forward(self, g: int, s: int, mb: int, t: int) -> None:
         state, r = self.state[g][s], mb % self.R
@@ -84,15 +88,43 @@ class _Engine:
     def weights(self) -> np.ndarray:
         return np.asarray(self.W[0] if self.W.shape[0] == 1 else self.W.mean(axis=0))
 
-    def run(self, eval_every: int, progress: Callable[[int], None] | None = None
-            ) -> Objective:
+    def checkpoint(self) -> dict[str, Any]:
+        """The whole state before slot `self.slot` (plain data; see `restore`)."""
+        return {"slot": self.slot, "W": self.W.copy(),
+                "blocks": [[st.checkpoint() for st in row] for row in self.state],
+                "acts": {k: np.array(v) for k, v in self.acts.items()},
+                "grads": {k: np.array(v) for k, v in self.grads.items()},
+                "losses": {k: (v[0], np.array(v[1])) for k, v in self.losses.items()},
+                "rows": list(self.rows), "fversion": self.fversion.copy(),
+                "tracker": array_state(self.tracker, skip=("blocks",)),
+                "objective": (list(self.obj_t), list(self.obj_k), list(self.obj_v)),
+                "rngs": [rng_states(row) for row in self.mods]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `checkpoint()`'s state (this engine built from the same inputs)."""
+        self.slot = int(state["slot"])
+        self.W[...] = state["W"]                 # in place: the blocks are views of W
+        for row, saved in zip(self.state, state["blocks"]):
+            for st, st_saved in zip(row, saved):
+                st.restore(st_saved)
+        self.acts, self.grads = dict(state["acts"]), dict(state["grads"])
+        self.losses = dict(state["losses"])
+        self.rows = list(state["rows"])
+        self.fversion[...] = state["fversion"]
+        restore_arrays(self.tracker, state["tracker"])
+        self.obj_t, self.obj_k, self.obj_v = (list(x) for x in state["objective"])
+        for mods, rngs in zip(self.mods, state["rngs"]):
+            restore_rngs(mods, rngs)
+
+    def run(self, eval_every: int, progress: Callable[[int], None] | None = None,
+            checkpoints: Checkpoints | None = None) -> Objective:
         tl, averages = self.tl, set(self.tl.averages)
         ops = [[(int(k), s, int(m)) for s, (k, m) in enumerate(zip(tl.kind[t], tl.mb[t])) if k]
                for t in range(tl.slots)]
-        self.obj_t, self.obj_k, self.obj_v = [0.0], [0], [self.tracker.value()]
-        for t, slot_ops in enumerate(ops):
-            self.slot = t
-            signals.check()                  # SIGTERM & co.: stop between slots
+        first = self.slot
+        for t in range(first, tl.slots):
+            slot_ops, self.slot = ops[t], t
+            self._cut(checkpoints, t > first)
             before = len(self.rows)
             for g in range(self.G):
                 for op, s, mb in slot_ops:
@@ -105,6 +137,18 @@ class _Engine:
                 self.record(t + 1)
         return self.objective()
 
+    def _cut(self, checkpoints: Checkpoints | None, periodic: bool) -> None:
+        """Between slots: a periodic checkpoint when due; a stop signal checkpoints (when
+        checkpoints are on) and raises SignalStop."""
+        try:
+            signals.check()                  # SIGTERM & co.: stop between slots
+        except signals.SignalStop as err:
+            if checkpoints is not None:
+                checkpoints.save(self.checkpoint(), len(self.rows), signals.name(err.signum))
+            raise
+        if checkpoints is not None and periodic and checkpoints.due():
+            checkpoints.save(self.checkpoint(), len(self.rows), "checkpoint")
+
     def record(self, t: float) -> None:
         """The objective at time t (slots) after the updates so far; must be finite."""
         value = self.tracker.value()
@@ -114,20 +158,27 @@ class _Engine:
         self.health.objective(value, len(self.rows))
 
     def objective(self) -> Objective:
+        held = getattr(self.tracker, "held", None)      # char LM: held-out loss per point
         return Objective(np.array(self.obj_t, float), np.array(self.obj_k, np.int64),
-                         np.array(self.obj_v))
+                         np.array(self.obj_v),
+                         np.array(held) if held and len(held) == len(self.obj_v) else None)
 
 
 class _FullTracker:
-    """Objective along the mean weights for models without an incremental tracker."""
+    """Objective along the mean weights for models without an incremental tracker; with a
+    `validation_objective` (a validation split) also the held-out loss at each value()."""
 
     def __init__(self, model: Model, w: np.ndarray) -> None:
         self.model, self.w = model, np.array(w, dtype=float)
+        self.held: list[float] = []
 
     def shift(self, s: int, delta: np.ndarray, scale: float = 1.0) -> None:
         self.w[self.model.slices[s]] += scale * delta
 
     def value(self) -> float:
+        held = getattr(self.model, "validation_objective", lambda w: None)(self.w)
+        if held is not None:
+            self.held.append(float(held))
         return float(self.model.full_objective(self.w))
 
 
@@ -140,14 +191,19 @@ def _tracker(model: Model, w: np.ndarray) -> Tracker:
 
 def simulate(tl: Timeline, model: Model, lr: float, *, groups: int = 1,
              eval_every: int = 1, progress: Callable[[int], None] | None = None,
-             diverge_factor: float = 0.0) -> Trace:
+             diverge_factor: float = 0.0, checkpoints: Checkpoints | None = None,
+             resume: dict[str, Any] | None = None) -> Trace:
     """Execute `tl` on `model` with step size `lr`; `groups` pipelines average together.
     `progress(slots_done)` is called after every slot when given. A non-finite loss,
     gradient or objective (or a loss over `diverge_factor` x the first) stops the run: the
-    trace then holds the updates before it and its `divergence`."""
+    trace then holds the updates before it and its `divergence`. `checkpoints` takes the
+    engine's state between slots when due (and at a stop signal); `resume`, such a state,
+    continues from it: the trace equals the uninterrupted run's exactly."""
     eng = _Engine(tl, model, lr, groups, Health(diverge_factor))
+    if resume is not None:
+        eng.restore(resume)
     try:
-        objective = eng.run(eval_every, progress)
+        objective = eng.run(eval_every, progress, checkpoints)
     except (Diverged, signals.SignalStop) as err:   # stop: keep what was done before it
         divergence = replace(err.divergence, update=len(eng.rows)) \
             if isinstance(err, Diverged) else None

@@ -124,10 +124,16 @@ class Run:
         return frame
 
     def objective_frame(self) -> Any:
-        """pandas.DataFrame, one row per objective evaluation: time, k, value."""
+        """pandas.DataFrame, one row per objective evaluation: time, k, value, and for a char
+        LM with a validation split also validation (nats/char) and validation_bits."""
         pd = require("pandas", "objective_frame()")
-        return pd.DataFrame({name: np.asarray(getattr(self.objective, name))
-                             for name in ("time", "k", "value")})
+        columns = {name: np.asarray(getattr(self.objective, name))
+                   for name in ("time", "k", "value")}
+        held = self.objective.validation
+        if held is not None:
+            columns["validation"] = np.asarray(held)
+            columns["validation_bits"] = np.asarray(held) / np.log(2.0)
+        return pd.DataFrame(columns)
 
 
 def open_run(path: str | os.PathLike[str]) -> Run:

@@ -79,7 +79,8 @@ def slots_of(method: str, S: int, N: int, noam: int = 0, R: int = 1, H: int = 1,
 def _sizes(cfg: RunConfig) -> tuple[int, int, int]:
     """(slots generated, microbatches, block updates K) of the run's schedule."""
     sch = cfg.schedule
-    N = max(1, sch.budget_slots // 2) if sch.budget_slots else sch.microbatches
+    fixed = not sch.budget_slots or sch.budget_mode == "fixed"    # the given N runs
+    N = sch.microbatches if fixed else max(1, sch.budget_slots // 2)
     T = slots_of(sch.method, sch.stages, N, sch.noam, sch.trajectories, sch.local_steps,
                  sch.flush)
     K = N * sch.stages
@@ -92,7 +93,8 @@ def _schedule_flag(cfg: RunConfig, K: int) -> tuple[str, int]:
     sch = cfg.schedule
     if sch.method == "rpd" and cfg.rpd.updates and K > sch.microbatches * sch.stages:
         return "--updates", K
-    first = ("--budget-slots", sch.budget_slots) if sch.budget_slots else \
+    first = ("--budget-slots", sch.budget_slots) if sch.budget_slots and \
+        sch.budget_mode != "fixed" else \
         ("--microbatches", sch.microbatches)
     return max((first, ("--stages", sch.stages), ("--groups", sch.groups)),
                key=lambda fv: fv[1])
@@ -114,7 +116,8 @@ def _model_size(cfg: RunConfig, data_shape: tuple[int, int] | None
     obj, S = cfg.objective, cfg.schedule.stages
     if obj.name == "charlm":
         c, C = obj.width, obj.context
-        params = max(S - 2, 1) * (12 * c * c + 13 * c) + (2 * VOCAB + C + 2) * c
+        params = (obj.layers or max(S - 2, 1)) * (12 * c * c + 13 * c) + \
+            (2 * VOCAB + C + 2) * c
         return params, ("--width", c)
     if data_shape is not None:
         return data_shape[1], ("--data", obj.data)
@@ -180,7 +183,8 @@ def _activations(cfg: RunConfig) -> Part:
     flag, value = max((("--context", 3 * obj.heads * C), ("--width", 24 * c),
                        ("--batch-size", B)), key=lambda fv: fv[1])
     shown = {"--context": C, "--width": c, "--batch-size": B}[flag]
-    return Part(flag, shown, "activations in flight", per * depth * sch.stages * sch.groups)
+    units = obj.layers + 2 if obj.layers else sch.stages    # each unit caches its input
+    return Part(flag, shown, "activations in flight", per * depth * units * sch.groups)
 
 
 def _snapshots(cfg: RunConfig, d: int, ranks: int) -> Part:

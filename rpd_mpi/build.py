@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from rpd_mpi.budget import check_memory
-from rpd_mpi.config import ConfigError, RunConfig
+from rpd_mpi.config import ConfigError, RunConfig, partition_counts
+from rpd_mpi.engines.resume import Checkpoints
 from rpd_mpi.engines.rpd import RPDPlan, rpd_plan, simulate_rpd
 from rpd_mpi.engines.sim import simulate
 from rpd_mpi.ledger import LedgerError, read_arrays, read_run
@@ -24,11 +25,13 @@ from rpd_mpi.ledger.provenance import provenance
 from rpd_mpi.ledger.run_file import array_shape
 from rpd_mpi.objectives import build_model
 from rpd_mpi.objectives.charlm import build_charlm
+from rpd_mpi.objectives.partition import predicted_utilization, stage_times
+from rpd_mpi.objectives.problems import problem_arrays, shared_problem
 from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.progress import Progress
 from rpd_mpi.records import RunRecord, Trace
 from rpd_mpi.schedule.delays import update_mask, update_order
-from rpd_mpi.schedule.generate import generate, timeline_for
+from rpd_mpi.schedule.generate import generate, smallest_reaching, timeline_for
 from rpd_mpi.schedule.timeline import Timeline
 
 DATA_ARRAYS = ("X", "y", "w_true", "f_star")
@@ -97,12 +100,19 @@ def build(cfg: RunConfig, ranks: int = 1) -> Model:
                                               f"(got {obj.batch_size})")
         if S > d:
             raise ConfigError("--stages", f"must be <= the {d} columns of {obj.data}")
+        if sum(partition_counts(obj.partition) or (d,)) != d:
+            raise ConfigError("--partition", f"must sum to the {d} columns of {obj.data} "
+                                             f"(got {obj.partition})")
     try:
+        if data is None and obj.data_seed is not None:      # same data, other --seed
+            data = problem_arrays(shared_problem(obj.name, obj.dim, obj.examples,
+                                                 obj.data_seed, obj.mu, obj.lam))
         return build_model(obj.name, S, dim=obj.dim, examples=obj.examples,
                            batch_size=obj.batch_size, seed=cfg.seed, noise=obj.noise,
-                           mu=obj.mu, lam=obj.lam, data=data)
+                           mu=obj.mu, lam=obj.lam, data=data,
+                           partition=partition_counts(obj.partition) or None)
     except (ValueError, TypeError) as err:
-        if data is not None:
+        if obj.data:
             raise ConfigError("--data", f"{obj.data}: {err}") from None
         raise ConfigError("--objective", str(err)) from None
 
@@ -116,9 +126,12 @@ def _charlm(cfg: RunConfig) -> Model:
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError("--data", f"cannot read {obj.data} as UTF-8 text: {err}") from None
     try:
+        counts = partition_counts(obj.partition)
         return build_charlm(cfg.schedule.stages, width=obj.width, heads=obj.heads,
                             context=obj.context, batch_size=obj.batch_size, seed=cfg.seed,
-                            text=text)
+                            text=text, layers=obj.layers or None, dtype=obj.dtype,
+                            val_fraction=obj.val_fraction,
+                            partition="auto" if counts is None else counts or None)
     except ValueError as err:
         if obj.data:
             raise ConfigError("--data", f"{obj.data}: {err}") from None
@@ -132,7 +145,7 @@ def schedule_of(cfg: RunConfig) -> Timeline:
     method = "pd" if sch.method == "rpd" else sch.method
     kw = dict(noam=sch.noam, trajectories=sch.trajectories, local_steps=sch.local_steps,
               flush=sch.flush)
-    tl = timeline_for(method, sch.stages, sch.microbatches, budget=sch.budget_slots, **kw)
+    tl = budget_timeline(cfg, method, kw)
     if sch.budget_slots and not update_mask(tl).any():
         first = generate(method, sch.stages, (sch.flush or sch.stages) if method == "gpipe"
                          else 1, **kw)
@@ -143,21 +156,35 @@ def schedule_of(cfg: RunConfig) -> Timeline:
     return tl
 
 
+def budget_timeline(cfg: RunConfig, method: str, kw: dict[str, int]) -> Timeline:
+    """The timeline under the run's budget protocol (`config.BUDGET_MODES`): no budget, the
+    given N; `fixed`, the given N cut at the budget; `smallest`, the smallest N reaching the
+    budget, cut at it; `untruncated`, that N run to its end."""
+    sch = cfg.schedule
+    if sch.budget_slots and sch.budget_mode == "fixed":
+        return generate(method, sch.stages, sch.microbatches, **kw).truncate(sch.budget_slots)
+    if sch.budget_slots and sch.budget_mode == "untruncated":
+        return smallest_reaching(method, sch.stages, sch.budget_slots, **kw)
+    return timeline_for(method, sch.stages, sch.microbatches, budget=sch.budget_slots, **kw)
+
+
 def simulate_run(cfg: RunConfig, model: Model | None = None, run_id: str = "",
-                 progress: bool = False) -> RunRecord:
+                 progress: bool = False, checkpoints: Checkpoints | None = None,
+                 resume: dict[str, Any] | None = None) -> RunRecord:
     """Run the simulator for `cfg` and return the record (complete, diverged or stopped).
     `progress`: progress lines on stderr (the `simulate` command; tools and sweeps stay
-    quiet)."""
+    quiet). `checkpoints` / `resume`: see `engines.sim.simulate`."""
     model = model if model is not None else build(cfg)
     tl = schedule_of(cfg)
     show = progress and not cfg.quiet
     if cfg.schedule.method == "rpd":
-        trace, delta = _rpd(cfg, model, tl, show)
+        trace, delta = _rpd(cfg, model, tl, show, checkpoints, resume)
     else:
         trace = simulate(tl, model, cfg.lr, groups=cfg.schedule.groups,
                          eval_every=cfg.eval_every,
                          progress=Progress(tl.slots, show, what="slots").tick,
-                         diverge_factor=cfg.diverge_factor)
+                         diverge_factor=cfg.diverge_factor, checkpoints=checkpoints,
+                         resume=resume)
         delta = int(trace.updates.delays.max()) if len(trace.updates) else 0
     return to_record(cfg, model, trace, tl, engine="sim", delta=delta, run_id=run_id)
 
@@ -172,13 +199,16 @@ class RPDSetup:
     clock: np.ndarray | None
 
 
-def _rpd(cfg: RunConfig, model: Model, tl: Timeline, show: bool) -> tuple[Trace, int]:
+def _rpd(cfg: RunConfig, model: Model, tl: Timeline, show: bool,
+         checkpoints: Checkpoints | None = None, resume: dict[str, Any] | None = None
+         ) -> tuple[Trace, int]:
     setup = rpd_setup(cfg, model, tl)
     return simulate_rpd(model, cfg.lr, setup.plan, delta=setup.delta, clock=setup.clock,
                         eval_every=cfg.eval_every,
                         progress=Progress(setup.plan.stage.size, show,
                                          what="updates").tick,
-                        diverge_factor=cfg.diverge_factor), setup.delta
+                        diverge_factor=cfg.diverge_factor, checkpoints=checkpoints,
+                        resume=resume), setup.delta
 
 
 def rpd_setup(cfg: RunConfig, model: Model, tl: Timeline) -> RPDSetup:
@@ -217,6 +247,21 @@ def replayed_delays(path: str, stages: int, updates: int) -> np.ndarray:
     return delays
 
 
+def partition_attrs(model: Model, microbatches: int) -> dict[str, Any]:
+    """The ledger's partition attributes: units (charlm) or coordinates per stage, each
+    stage's parameters, and with --partition auto the profiled unit seconds and the
+    predicted per-stage F + B seconds and utilization (`objectives.partition`)."""
+    sizes = [sl.stop - sl.start for sl in model.slices]
+    out: dict[str, Any] = {"partition": list(getattr(model, "partition", sizes)),
+                           "stage_parameters": sizes}
+    costs = getattr(model, "unit_costs", None)
+    if costs is not None:
+        times = stage_times(costs, out["partition"])
+        out.update(unit_seconds=list(costs), predicted_stage_seconds=times,
+                   predicted_stage_utilization=predicted_utilization(times, microbatches))
+    return out
+
+
 def to_record(cfg: RunConfig, model: Model, trace: Trace, tl: Timeline | None, *,
               engine: str, delta: int, extra: dict[str, Any] | None = None,
               run_id: str = "") -> RunRecord:
@@ -243,6 +288,8 @@ def to_record(cfg: RunConfig, model: Model, trace: Trace, tl: Timeline | None, *
         attrs["stopped_by"] = trace.stopped
     if trace.divergence is not None:
         attrs.update(trace.divergence.to_attrs())
+    attrs.update(partition_attrs(model, tl.microbatches if tl is not None else
+                                 sch.microbatches))
     vocab = getattr(model, "vocab", None)          # the char LM's alphabet
     if vocab is not None:
         attrs["vocab"] = "".join(vocab)

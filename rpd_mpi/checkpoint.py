@@ -149,6 +149,8 @@ class Writer:
         self.segments = segments          # the finished segments before this one
         self.segment = Segment(utc_now(), hosts=[socket.gethostname()])
         self.last = time.monotonic()      # when the last checkpoint was taken (or the start)
+        self.seconds: list[float] = []    # how long each checkpoint of this segment took
+        self.size = 0                     # bytes of the newest checkpoint
 
     def due(self) -> bool:
         """Is a periodic checkpoint due (checkpoints on, --checkpoint-every passed)?"""
@@ -197,6 +199,7 @@ class Writer:
             os.fsync(f.fileno())
         final = os.path.join(self.root, f"step-{step:06d}")
         os.replace(tmp, final)
+        self.size = sum(os.path.getsize(os.path.join(final, n)) for n in os.listdir(final))
         _sync_dir(self.root)
         previous = os.path.join(self.root, f"step-{self.step:06d}")
         if self.step and os.path.isdir(previous):
@@ -229,9 +232,11 @@ class SimCheckpoints(Writer):
     """The simulator's checkpoints (one process: rank 0 writes and commits)."""
 
     def save(self, state: dict[str, Any], progress: int, cause: str) -> None:
+        t0 = time.perf_counter()
         step = self.begin()
         self.put(step, 0, state)
         self.commit(step, 1, {"progress": progress}, cause=cause)
+        self.seconds.append(time.perf_counter() - t0)
 
 
 def find(cfg: RunConfig) -> Checkpoint | None:
@@ -254,9 +259,15 @@ def writer_for(cfg: RunConfig, run_id: str, ck: Checkpoint | None,
     return kind(cfg, run_id, []) if cfg.checkpoint_every else None
 
 
-def ledger_attrs(segments: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a run file says about its segments: `resumed` (how often) and `segments`."""
-    return {"resumed": max(len(segments) - 1, 0), "segments": json.dumps(segments)}
+def ledger_attrs(writer: Writer, cause: str, progress: int) -> dict[str, Any]:
+    """What a run file says about its segments (`resumed`: how often, `segments`) and the
+    checkpoints of its last segment (how many, their mean and longest time, the size of the
+    newest)."""
+    segments = writer.finished(cause, progress)
+    t = writer.seconds
+    return {"resumed": max(len(segments) - 1, 0), "segments": json.dumps(segments),
+            "checkpoints": len(t), "checkpoint_seconds_mean": sum(t) / len(t) if t else 0.0,
+            "checkpoint_seconds_max": max(t, default=0.0), "checkpoint_bytes": writer.size}
 
 
 def out_is_own(out: str, run_id: str) -> bool:

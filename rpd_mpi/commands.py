@@ -12,19 +12,25 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Callable
 
-from rpd_mpi import analysis, jsonout, signals
+from rpd_mpi import analysis, checkpoint, jsonout, signals
 from rpd_mpi.budget import check_timeline
 from rpd_mpi.build import build, simulate_run
 from rpd_mpi.config import ConfigError, ScheduleConfig
+from rpd_mpi.data import shakespeare
 from rpd_mpi.experiments import registry
 from rpd_mpi.flags import FLAGS, TRAIN_FLAGS, config_from
 from rpd_mpi.ledger import LedgerError, read_run
 from rpd_mpi.ledger.report import compare_table, format_summary, summarize
+from rpd_mpi.mpi.assemble import recover
 from rpd_mpi.outputs import (EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, EXIT_WRITE, OutLock, WriteFailed,
                              check_out, inputs_of, new_run_id, stopped_line, write_out)
 from rpd_mpi.records import Divergence, RunRecord
+from rpd_mpi.sample import char_model
+from rpd_mpi.sample import generate as generate_text
 from rpd_mpi.schedule import Timeline, generate
 from rpd_mpi.schedule.delays import delay_stats, pd_steady_max
 from rpd_mpi.schedule.text import render
@@ -50,16 +56,32 @@ def _print_summary(record: RunRecord, as_json: bool, out: str = "") -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = config_from(args, FLAGS)
-    run_id = new_run_id()
-    check_out(cfg.out, inputs_of(cfg, args.config or ""), cfg.force)
+    ck = checkpoint.find(cfg)                # --resume: the newest complete checkpoint
+    run_id = ck.run_id if ck is not None else new_run_id()
+    own = ck is not None and checkpoint.out_is_own(cfg.out, run_id)
+    check_out(cfg.out, inputs_of(cfg, args.config or ""), cfg.force or own)
     lock = OutLock(cfg.out, run_id)
     lock.acquire()
     try:
+        writer = checkpoint.writer_for(cfg, run_id, ck, checkpoint.SimCheckpoints)
+        hook = writer if isinstance(writer, checkpoint.SimCheckpoints) and \
+            cfg.checkpoint_every else None
         with signals.catching():             # SIGTERM/SIGINT/SIGUSR1: stop, keep the run
-            record = simulate_run(cfg, build(cfg), run_id, progress=True)
+            model, started = build(cfg), time.perf_counter()
+            record = simulate_run(cfg, model, run_id, progress=True, checkpoints=hook,
+                                  resume=ck.load(0) if ck is not None else None)
+            record.attrs["run_seconds"] = time.perf_counter() - started   # tokens/s (report)
+            if writer is not None:
+                status = str(record.attrs.get("status"))
+                record.attrs.update(checkpoint.ledger_attrs(
+                    writer, str(record.attrs.get("stopped_by") or status), len(record.updates)))
             write_out(cfg.out, record, run_id)
+            if writer is not None and record.attrs.get("status") == "complete":
+                writer.remove()
     finally:
         lock.release()
+    if ck is not None:
+        print(f"rpd-mpi: resumed run {run_id} from {ck.path}", file=sys.stderr)
     _print_summary(record, args.json, cfg.out)
     return _outcome(record, cfg.lr)
 
@@ -152,6 +174,55 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assemble(args: argparse.Namespace) -> int:
+    """`assemble OUT`: the run file OUT from the part files a stopped, crashed or killed run
+    left next to it (`mpi.assemble.recover`); the parts go only when the ledger is complete."""
+    check_out(args.out, {}, args.force)
+    found = recover(args.out, args.run_id or "")
+    lock = OutLock(args.out, found.run_id)
+    lock.acquire()
+    try:
+        write_out(args.out, found.record, found.run_id)
+    finally:
+        lock.release()
+    if found.complete:
+        for path in found.paths:
+            path.unlink(missing_ok=True)
+    _print_summary(found.record, args.json, args.out)
+    if found.missing:
+        print(f"rpd-mpi: {args.out} is incomplete (the part files stay): {found.missing}",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """`data shakespeare`: build the corpus into --out (an existing file only with --force)."""
+    check_out(args.out, {"--tarball": args.tarball} if args.tarball else {}, args.force)
+    corpus = shakespeare.shakespeare(
+        Path(args.out), chars=None if args.all else args.chars,
+        tarball=Path(args.tarball) if args.tarball else None,
+        cache=Path(args.cache) if args.cache else None)
+    if args.json:
+        print(jsonout.dumps({"out": args.out, "characters": len(corpus.text),
+                             "plays": list(corpus.plays), "available": corpus.available,
+                             "last_cut": corpus.last_cut, "source": corpus.source,
+                             "sha256": corpus.sha256}))
+    else:
+        print(corpus.describe(args.out))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """`sample run.h5`: text from the final model of a charlm ledger."""
+    try:
+        record = read_run(args.ledger)
+    except LedgerError as err:
+        raise ConfigError("ledger", str(err)) from None
+    print(generate_text(char_model(record, args.ledger), args.chars,
+                        temperature=args.temperature, seed=args.seed, prompt=args.prompt))
+    return 0
+
+
 HELP = ("-h", "--help")
 EXPORT_MODULE = "rpd_mpi.analysis.export"
 
@@ -213,5 +284,6 @@ def _first_doc_line(module: str) -> str:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulate": cmd_simulate, "train": cmd_train, "schedule": cmd_schedule,
-    "delays": cmd_delays, "report": cmd_report,
+    "delays": cmd_delays, "report": cmd_report, "data": cmd_data, "sample": cmd_sample,
+    "assemble": cmd_assemble,
 }

@@ -25,6 +25,11 @@ ORDERS = ("static", "dynamic")
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("staged", "direct", "ipc")
 WAITS = ("auto", "spin", "polite")
+DTYPES = ("float64", "float32")
+#: How a slot budget T picks the run (docs/DESIGN.md 2): `smallest` = the smallest N whose
+#: timeline reaches T, cut at T; `fixed` = the given --microbatches N, cut at T (the paper's
+#: E3/E4); `untruncated` = the smallest N reaching T, run to its end (the paper's E5).
+BUDGET_MODES = ("smallest", "fixed", "untruncated")
 _FAULT = re.compile(r"(raise|stall):\d+:\d+")
 
 
@@ -89,9 +94,12 @@ class ScheduleConfig:
     local_steps: int = 1          # H (LocalSGD)
     flush: int = 0                # GPipe flush size, 0 = S
     budget_slots: int = 0         # 0 = no budget
+    budget_mode: str = "smallest"  # BUDGET_MODES; the command line picks fixed when
+    #                                --microbatches is given with --budget-slots
 
     def __post_init__(self) -> None:
         _choice("--method", self.method, METHODS)
+        _choice("--budget-mode", self.budget_mode, BUDGET_MODES)
         _int_at_least("--stages", self.stages, 1)
         _int_at_least("--microbatches", self.microbatches, 1)
         for flag, value in (("--noam", self.noam), ("--flush", self.flush),
@@ -106,6 +114,9 @@ class ScheduleConfig:
                 if value != 1:
                     raise ConfigError(flag, f"only --method localsgd uses it; must be 1 with "
                                             f"--method {self.method} (got {value})")
+        if self.budget_mode != "smallest" and not self.budget_slots:
+            raise ConfigError("--budget-mode", f"only --budget-slots uses it (got "
+                                               f"{self.budget_mode} without a budget)")
         self._check_copies()
 
     def _check_copies(self) -> None:
@@ -157,16 +168,37 @@ class ObjectiveConfig:
     width: int = 32               # charlm: model width
     heads: int = 2                # charlm: attention heads (divide the width)
     context: int = 32             # charlm: characters per window
+    layers: int = 0               # charlm: transformer blocks L, 0 = S - 2
+    partition: str = ""           # units (charlm) or coordinates (block-linear) per stage:
+    #                               "" = even, "auto" (charlm: profiled), or "n1,n2,..."
+    dtype: str = "float64"        # charlm: float64 or float32 stage math
+    val_fraction: float = 0.1     # charlm: the held-out last part of the text (validation)
+    data_seed: int | None = None  # generated data from this seed (None: --seed), so that
+    #                               seeds can vary noise and sampling on the same data
 
     def __post_init__(self) -> None:
         _choice("--objective", self.name, OBJECTIVES)
         _text("--data", self.data)
+        if self.data_seed is not None:
+            _int_at_least("--data-seed", self.data_seed, 0, SEED_MAX)
+            if self.data or self.name == "charlm":
+                raise ConfigError("--data-seed", "only generated block-linear data uses it "
+                                                 "(not --data, not charlm); leave it out")
         for flag, value in (("--width", self.width), ("--heads", self.heads),
                             ("--context", self.context)):
             _int_at_least(flag, value, 1)
         if self.width % self.heads:
             raise ConfigError("--heads", f"must divide --width {self.width} "
                                          f"(got {self.heads})")
+        _int_at_least("--layers", self.layers, 0)
+        _choice("--dtype", self.dtype, DTYPES)
+        _finite("--val-fraction", self.val_fraction)
+        if self.val_fraction >= 1:
+            raise ConfigError("--val-fraction", f"must be in [0, 1) (got {self.val_fraction})")
+        if self.name != "charlm" and self.val_fraction != 0.1:
+            raise ConfigError("--val-fraction", f"only --objective charlm uses it; leave it "
+                                                f"out (got {self.val_fraction!r})")
+        partition_counts(self.partition)
         _int_at_least("--dim", self.dim, 1)
         _int_at_least("--examples", self.examples, 1)
         _int_at_least("--batch-size", self.batch_size, 1)
@@ -191,6 +223,7 @@ class RuntimeConfig:
     transport: str = "staged"     # cuda: how device buffers move between stages (docs/GPU.md)
     gpu_aware_mpi: bool = False   # cuda: the MPI library takes device buffers (direct)
     gpus_per_node: int = 0        # cuda: devices used per node, 0 = every visible one
+    snapshot_budget: float = 256.0    # MiB of block snapshots in all part files (recorder)
 
     def __post_init__(self) -> None:
         _choice("--order", self.order, ORDERS)
@@ -203,6 +236,7 @@ class RuntimeConfig:
             raise ConfigError("--op-cost", f"must be < --timeout {self.timeout:g} (a neighbour "
                                            f"waits at least one op for each message; got "
                                            f"{self.op_cost:g})")
+        _finite("--snapshot-budget", self.snapshot_budget)
         _text("--fault", self.fault)
         if self.fault and not _FAULT.fullmatch(self.fault):
             raise ConfigError("--fault", f"must be raise:RANK:OP or stall:RANK:OP "
@@ -253,9 +287,14 @@ class RunConfig:
     max_memory: float | None = None   # GiB a run may need (rpd_mpi.budget); None = what the
     #                                   machine has available, 0 = no check
     quiet: bool = False           # no progress lines
+    checkpoint_every: float = 0.0  # seconds between checkpoints (rpd_mpi.checkpoint), 0 = off
+    resume: bool = False          # continue from the newest complete checkpoint of --out
 
     def __post_init__(self) -> None:
         _positive("--lr", self.lr)
+        _finite("--checkpoint-every", self.checkpoint_every)
+        if not isinstance(self.resume, bool):
+            raise ConfigError("--resume", f"must be true or false (got {self.resume!r})")
         _int_at_least("--seed", self.seed, 0, SEED_MAX)
         _int_at_least("--eval-every", self.eval_every, 1)
         if self.max_memory is not None:
@@ -276,12 +315,37 @@ class RunConfig:
 
     def _check_cross(self) -> None:
         sch, obj = self.schedule, self.objective
-        if obj.name == "charlm" and sch.stages < 3:
-            raise ConfigError("--stages", f"charlm needs >= 3 stages (got {sch.stages})")
+        if obj.name == "charlm":
+            self._check_charlm_depth()
+        elif obj.partition:
+            self._check_linear_partition()
         if obj.name != "charlm" and not obj.data and sch.stages > obj.dim:
             raise ConfigError("--stages", f"must be <= --dim {obj.dim} so every stage owns a "
                                           f"parameter (got {sch.stages})")
         self._check_unused()
+
+    def _check_charlm_depth(self) -> None:
+        """S in 1..L + 2 (L = --layers, default S - 2, so S >= 3 without it), and an
+        explicit --partition of the L + 2 units (embedding, L blocks, head) over S stages."""
+        S, obj = self.schedule.stages, self.objective
+        if not obj.layers and S < 3:
+            raise ConfigError("--stages", f"charlm on {S} stage(s) needs --layers L (the "
+                                          f"default L = S - 2 needs >= 3 stages)")
+        units = (obj.layers or S - 2) + 2
+        if S > units:
+            raise ConfigError("--stages", f"must be <= --layers + 2 = {units} (every stage "
+                                          f"holds >= 1 unit; got {S})")
+        counts = partition_counts(obj.partition)
+        if counts is not None:
+            _check_counts(counts, S, units, f"unit(s): embedding, {units - 2} block(s), head")
+
+    def _check_linear_partition(self) -> None:
+        counts, obj = partition_counts(self.objective.partition), self.objective
+        if counts is None:
+            raise ConfigError("--partition", f"auto profiles charlm units; give --objective "
+                                             f"{obj.name} the coordinates of each stage")
+        if not obj.data:
+            _check_counts(counts, self.schedule.stages, obj.dim, "coordinates (--dim)")
 
     def _check_unused(self) -> None:
         """Flags a method would silently ignore are errors (docs/DESIGN.md 6)."""
@@ -313,10 +377,10 @@ class RunConfig:
     def _check_objective_unused(self) -> None:
         """Objective flags the chosen objective ignores, where they differ from the default."""
         obj, default = self.objective, ObjectiveConfig()
+        lm = ("width", "heads", "context", "layers", "dtype")
         unused = {"charlm": ("dim", "examples", "noise", "mu", "lam"),
-                  "tridiag": ("width", "heads", "context", "lam"),
-                  "logistic": ("width", "heads", "context", "mu")}.get(
-                      obj.name, ("width", "heads", "context", "mu", "lam"))
+                  "tridiag": (*lm, "lam"),
+                  "logistic": (*lm, "mu")}.get(obj.name, (*lm, "mu", "lam"))
         for name in unused:
             if getattr(obj, name) != getattr(default, name):
                 raise ConfigError(f"--{name}", f"--objective {obj.name} does not use it; leave "
@@ -353,6 +417,33 @@ class RunConfig:
                 raise ConfigError(key, f"unknown configuration key; allowed: "
                                        f"{', '.join(f.name for f in dataclasses.fields(cls))}")
         return cls(**kwargs)
+
+
+def partition_counts(text: object) -> tuple[int, ...] | None:
+    """The counts of an explicit --partition "n1,n2,...", None for "auto"; () for "" (even).
+    ConfigError('--partition') for anything else."""
+    _text("--partition", text)
+    assert isinstance(text, str)
+    if text in ("", "auto"):
+        return () if not text else None
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or any(c < 1 for c in counts):
+        raise ConfigError("--partition", f"must be auto or a comma list of integers >= 1, "
+                                         f"one per stage (got {text!r})")
+    return counts
+
+
+def _check_counts(counts: tuple[int, ...], stages: int, total: int, what: str) -> None:
+    if not counts:
+        return
+    if len(counts) != stages:
+        raise ConfigError("--partition", f"has {len(counts)} entries for --stages {stages}")
+    if sum(counts) != total:
+        raise ConfigError("--partition", f"sums to {sum(counts)}; the model has {total} "
+                                         f"{what}")
 
 
 def _build(kind: type, values: dict[str, Any], section: str) -> Any:

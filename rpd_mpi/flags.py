@@ -23,8 +23,8 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-from rpd_mpi.config import (DELAY_SOURCES, DEVICES, METHODS, OBJECTIVES, ORDERS, TRANSPORTS, WAITS,
-                            ConfigError, RunConfig, toml_text)
+from rpd_mpi.config import (BUDGET_MODES, DELAY_SOURCES, DEVICES, DTYPES, METHODS, OBJECTIVES,
+                            ORDERS, TRANSPORTS, WAITS, ConfigError, RunConfig, toml_text)
 from rpd_mpi.ledger import LedgerError, read_run
 
 #: flag -> (section or "" for top level, field, type, help)
@@ -41,6 +41,10 @@ FLAGS: FlagTable = {
     "--local-steps": ("schedule", "local_steps", int, "LocalSGD local steps H"),
     "--flush": ("schedule", "flush", int, "GPipe flush size (0 = S)"),
     "--budget-slots": ("schedule", "budget_slots", int, "slot budget T (0 = none)"),
+    "--budget-mode": ("schedule", "budget_mode", str, "how --budget-slots T picks the run: "
+                      "smallest N reaching T, cut at T; fixed: --microbatches N cut at T "
+                      "(the default when --microbatches is given); untruncated: smallest N "
+                      "reaching T, run to its end"),
     "--delta": ("rpd", "delta", int, "RPD delay bound (default S^2 - S/2)"),
     "--delay-source": ("rpd", "delay_source", str, "where RPD's delays come from (random "
                        "up to --delta, all --delta, none, a PD clock, a ledger)"),
@@ -59,8 +63,18 @@ FLAGS: FlagTable = {
     "--width": ("objective", "width", int, "charlm: model width (paper: 256)"),
     "--heads": ("objective", "heads", int, "charlm: attention heads (paper: 8)"),
     "--context": ("objective", "context", int, "charlm: characters per window (paper: 128)"),
+    "--layers": ("objective", "layers", int, "charlm: transformer blocks L (0 = S - 2, one "
+                 "per middle stage; paper: 14)"),
+    "--partition": ("objective", "partition", str, "units per stage, e.g. 2,2,2,2 (charlm "
+                    "units: embedding, L blocks, head; block-linear: coordinates), or auto "
+                    "(charlm: profiled here, balanced); default: even"),
+    "--dtype": ("objective", "dtype", str, "charlm: precision of the stage math"),
+    "--val-fraction": ("objective", "val_fraction", float, "charlm: the last part of the "
+                       "text held out for the validation loss (0 = none)"),
     "--lr": ("", "lr", float, "step size"),
     "--seed": ("", "seed", int, "random seed"),
+    "--data-seed": ("objective", "data_seed", int, "seed of the generated data (default: "
+                    "--seed), so that --seed varies only noise and sampling"),
     "--eval-every": ("", "eval_every", int, "record the objective every E block updates "
                      "(every engine; the simulator checks at slot ends)"),
     "--out": ("", "out", str, "ledger file to write (a new file; see --force)"),
@@ -72,6 +86,11 @@ FLAGS: FlagTable = {
                      "before it starts (default: what the machine has available; 0 = no "
                      "check)"),
     "--quiet": ("", "quiet", bool, "no progress lines"),
+    "--checkpoint-every": ("", "checkpoint_every", float, "seconds between checkpoints of the "
+                           "whole run, kept next to --out until it completes (0 = none; a "
+                           "stop signal then also checkpoints)"),
+    "--resume": ("", "resume", bool, "continue from the newest complete checkpoint of this "
+                 "--out (the same command line plus --resume); none: start afresh"),
 }
 TRAIN_FLAGS: FlagTable = {
     "--order": ("runtime", "order", str, "static: the simulator's order of operations; "
@@ -89,6 +108,9 @@ TRAIN_FLAGS: FlagTable = {
     "--gpus-per-node": ("runtime", "gpus_per_node", int, "cuda: devices per node; rank -> "
                         "device = local rank mod N (0 = every visible device, 1 = all share "
                         "device 0)"),
+    "--snapshot-budget": ("runtime", "snapshot_budget", float, "MiB of block snapshots all "
+                          "part files may hold (large blocks are snapshot less often; the "
+                          "objective curve is rebuilt from them; 0 = final blocks only)"),
 }
 
 
@@ -98,24 +120,28 @@ ALL_FLAGS: FlagTable = {**FLAGS, **TRAIN_FLAGS}
 CHOICES: dict[str, tuple[str, ...]] = {
     "--method": METHODS, "--delay-source": DELAY_SOURCES, "--objective": OBJECTIVES,
     "--order": ORDERS, "--device": DEVICES, "--wait": WAITS, "--transport": TRANSPORTS,
+    "--budget-mode": BUDGET_MODES, "--dtype": DTYPES,
 }
 
 #: The help groups of the run flags, in order: (title, description, flags).
 GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("schedule", "[schedule] which pipeline schedule, how many stages and microbatches",
-     ("--method", "--stages", "--microbatches", "--noam", "--flush", "--budget-slots")),
+     ("--method", "--stages", "--microbatches", "--noam", "--flush", "--budget-slots",
+      "--budget-mode")),
     ("RPD", "[rpd] Randomized PipeDream (--method rpd)",
      ("--delta", "--delay-source", "--updates", "--delays-from")),
     ("LocalSGD", "[schedule] LocalSGD (--method localsgd)",
      ("--trajectories", "--groups", "--local-steps")),
     ("objective", "[objective] the model and its data; top level: step size and seed",
      ("--objective", "--data", "--dim", "--examples", "--batch-size", "--noise", "--mu",
-      "--lam", "--width", "--heads", "--context", "--lr", "--seed")),
+      "--lam", "--width", "--heads", "--context", "--layers", "--partition", "--dtype",
+      "--lr", "--seed", "--data-seed")),
     ("runtime", "[runtime] how the MPI ranks run (train); top level: safety limits",
      ("--order", "--device", "--wait", "--timeout", "--op-cost", "--fault", "--transport",
-      "--gpu-aware-mpi", "--gpus-per-node", "--diverge-factor", "--max-memory")),
+      "--gpu-aware-mpi", "--gpus-per-node", "--snapshot-budget", "--diverge-factor",
+      "--max-memory")),
     ("output", "the ledger and what is printed",
-     ("--out", "--force", "--eval-every", "--quiet")),
+     ("--out", "--force", "--eval-every", "--quiet", "--checkpoint-every", "--resume")),
 )
 
 
@@ -180,12 +206,23 @@ def config_from(args: argparse.Namespace, table: FlagTable) -> RunConfig:
             continue
         given.add(flag)
         (tree.setdefault(section, {}) if section else tree)[name] = value
+    if not path or not is_ledger(path):
+        _budget_protocol(tree.get("schedule", {}))
     try:
         return RunConfig.from_dict(tree)
     except ConfigError as err:
         if path and err.flag not in given:
             raise _in_toml(err, path, tree) from None
         raise
+
+
+def _budget_protocol(schedule: dict[str, Any]) -> None:
+    """A budget with an explicit N (flag or TOML key) and no explicit mode runs that N cut at
+    the budget (`fixed`); a ledger's stored configuration already names its mode (one
+    written before the modes existed ran `smallest`, the default)."""
+    if schedule.get("budget_slots") and "microbatches" in schedule and \
+            "budget_mode" not in schedule:
+        schedule["budget_mode"] = "fixed"
 
 
 def _in_toml(err: ConfigError, path: str, tree: dict[str, Any]) -> ConfigError:

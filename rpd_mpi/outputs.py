@@ -35,8 +35,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE, EXIT_STOPPED = 
 
 def stopped_line(record: RunRecord) -> str:
     """The one line of a run a signal stopped (its ledger holds the updates so far)."""
-    return (f"stopped by {record.attrs.get('stopped_by')} after {len(record.updates)} block "
+    text = (f"stopped by {record.attrs.get('stopped_by')} after {len(record.updates)} block "
             f"updates; {record.config.get('out')} holds them (status = stopped)")
+    if record.attrs.get("checkpoint"):
+        text += f"; checkpoint {record.attrs['checkpoint']}; rerun with --resume"
+    return text
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
@@ -169,13 +172,20 @@ def _read_owner(path: Path) -> Owner | None:
 
 
 def _alive(pid: int) -> bool:
+    """Is process `pid` running? A zombie (ended, not yet reaped: the ranks of a killed
+    mpiexec can stay so for a while) is not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):       # no /proc (not Linux): trust kill(0)
+        return True
+    return state not in ("Z", "X")
 
 
 class WriteFailed(OSError):

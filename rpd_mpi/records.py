@@ -104,11 +104,13 @@ class Updates:
 
 @dataclass
 class Objective:
-    """The full objective at the chosen cadence: (time, k, value)."""
+    """The full objective at the chosen cadence: (time, k, value); `validation`: the held-out
+    loss at the same points (char LM with a validation split), else None."""
 
     time: np.ndarray
     k: np.ndarray
     value: np.ndarray
+    validation: np.ndarray | None = None
 
 
 @dataclass

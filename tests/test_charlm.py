@@ -1,28 +1,36 @@
-"""The character LM: finite-difference gradient checks of every layer and of whole pipelines,
-the stage contract (stash copies, reused communication buffers), text batches, sizes, and
-training in the simulator (the loss falls on the generated corpus)."""
+"""The character LM: finite-difference gradient checks of every layer and of whole pipelines
+(default and partitioned stages, float64 and float32), the stage contract (stash copies, reused
+communication buffers), text batches, sizes, and training in the simulator (the loss falls on
+the generated corpus, in float64 and in float32)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
 
-from rpd_mpi.objectives.charlm import stage_gradient
+from rpd_mpi.ledger.run_file import read_run
 
 from rpd_mpi.objectives import layers as L
+from rpd_mpi.objectives.charlm import stage_gradient
 from rpd_mpi.objectives.charlm import PRESETS, CharLM, build_charlm, parameter_count, stage_layout
 from rpd_mpi.objectives.corpus import build_vocab, encode, generate_corpus
 from rpd_mpi.schedule.generate import generate
 from rpd_mpi.engines.sim import simulate
 
 RTOL, ATOL = 1e-6, 1e-9
+#: dtype -> (finite-difference step, rtol, atol) of the gradient checks: float32 rounds the
+#: loss at ~1e-7 relative, so it needs a larger step and looser tolerances.
+FD = {"float64": (1e-5, RTOL, ATOL), "float32": (1e-2, 3e-2, 2e-3)}
 B, T, C, H = 2, 5, 8, 2
 
 
 def fd_check(fun: Callable[[], float], x: np.ndarray, grad: np.ndarray, rng: np.random.Generator,
-             probes: int = 12, h: float = 1e-5) -> None:
+             probes: int = 12, h: float = 1e-5, rtol: float = RTOL, atol: float = ATOL) -> None:
     """Central differences of fun() at `probes` random entries of x (perturbed in place)."""
     flat, gflat = x.reshape(-1), grad.reshape(-1)
     assert flat.base is x or flat is x or np.shares_memory(flat, x)
@@ -34,7 +42,7 @@ def fd_check(fun: Callable[[], float], x: np.ndarray, grad: np.ndarray, rng: np.
         down = fun()
         flat[j] = old
         fd = (up - down) / (2 * h)
-        assert abs(fd - gflat[j]) <= RTOL * abs(fd) + ATOL, (j, fd, gflat[j])
+        assert abs(fd - gflat[j]) <= rtol * abs(fd) + atol, (j, fd, gflat[j])
 
 
 def rand(rng: np.random.Generator, *shape: int, scale: float = 0.5) -> np.ndarray:
@@ -148,6 +156,48 @@ def test_pipeline_gradient_every_stage(stages: int) -> None:
         fd_check(lambda: pipeline(model, w, 11)[0], w[sl], grad[sl], rng, probes=15)
 
 
+#: (stages, layers, partition): all units on one stage; embedding + block and block + head;
+#: blocks together in the middle; an uneven 4-stage split with embedding + block, block + head
+PARTITIONS = [(1, 2, None), (2, 2, (2, 2)), (3, 3, (1, 3, 1)), (4, 4, (2, 1, 2, 1))]
+
+
+@pytest.mark.parametrize("stages,layers,partition", PARTITIONS)
+def test_partitioned_stage_gradients(stages: int, layers: int,
+                                     partition: tuple[int, ...] | None) -> None:
+    model = small_model(stages, layers=layers, partition=partition)
+    rng = np.random.default_rng(stages)
+    assert model.stages == stages and sum(model.partition) == layers + 2
+    w = perturbed_weights(model)
+    loss, grad = pipeline(model, w, batch=11)
+    for sl in model.slices:
+        fd_check(lambda: pipeline(model, w, 11)[0], w[sl], grad[sl], rng, probes=15)
+    one_per_stage = small_model(layers + 2)           # the same model, one unit per stage
+    assert np.array_equal(model.init_weights(), one_per_stage.init_weights())
+    loss1, grad1 = pipeline(one_per_stage, w, batch=11)
+    assert loss == loss1 and np.array_equal(grad, grad1)
+    assert model.stage_parameters() == [sl.stop - sl.start for sl in model.slices]
+    assert sum(model.stage_parameters()) == model.dim == one_per_stage.dim
+
+
+def test_float32_gradients_and_dtypes() -> None:
+    model = small_model(2, layers=2, partition=(2, 2), dtype="float32")
+    w = (model.init_weights() + 0.3 * np.random.default_rng(9).standard_normal(model.dim)
+         ).astype(np.float32)
+    loss, grad = pipeline(model, w, batch=11)
+    assert w.dtype == grad.dtype == np.float32
+    a_out, cache = model.make_stage(0).forward(w[model.slices[0]], None, 11)
+    assert a_out.dtype == np.float32
+    h, rtol, atol = FD["float32"]
+    rng = np.random.default_rng(1)
+    for sl in model.slices:
+        fd_check(lambda: pipeline(model, w, 11)[0], w[sl], grad[sl], rng, probes=15, h=h,
+                 rtol=rtol, atol=atol)
+    ref = small_model(2, layers=2, partition=(2, 2))
+    loss64, grad64 = pipeline(ref, w.astype(np.float64), batch=11)
+    assert abs(loss - loss64) < 1e-5 and np.abs(grad - grad64).max() < 1e-4
+    assert model.full_gradient(w.astype(np.float64)).dtype == np.float64   # like its input
+
+
 def test_full_objective_and_gradient() -> None:
     model, rng = small_model(3), np.random.default_rng(7)
     w = perturbed_weights(model)
@@ -163,7 +213,8 @@ def test_cache_survives_reused_communication_buffer() -> None:
     mods = [model.make_stage(s) for s in range(4)]
     a0, _ = mods[0].forward(w[model.slices[0]], None, 3)
     for s in (1, 3):
-        buf = a0.copy() if s == 1 else mods[1].forward(w[model.slices[1]], a0, 3)[0]
+        buf = a0.copy() if s == 1 else mods[2].forward(
+            w[model.slices[2]], mods[1].forward(w[model.slices[1]], a0, 3)[0], 3)[0]
         a_out, cache = mods[s].forward(w[model.slices[s]], buf, 3)
         g_out = mods[s].loss(a_out, 3)[1] if s == 3 else np.ones_like(a_out)
         expect = mods[s].backward(w[model.slices[s]], cache, g_out.copy(), 3)
@@ -171,7 +222,8 @@ def test_cache_survives_reused_communication_buffer() -> None:
         a_out2, cache2 = mods[s].forward(w[model.slices[s]], buf, 4)
         got = mods[s].backward(w[model.slices[s]], cache, g_out, 3)
         assert all(np.array_equal(e, g) for e, g in zip(expect, got))
-        assert not np.shares_memory(cache, buf) and not np.shares_memory(a_out, buf)
+        assert not any(np.shares_memory(c, buf) for c in cache) and \
+            not np.shares_memory(a_out, buf)
 
 
 def test_stage_forward_does_not_alias_or_write_weights() -> None:
@@ -180,7 +232,7 @@ def test_stage_forward_does_not_alias_or_write_weights() -> None:
     frozen = w.copy()
     pipeline(model, w, 0)
     assert np.array_equal(w, frozen)
-    view = model.layouts[1].unpack(w[model.slices[1]])["attn_w"]
+    view = model.unit_layouts[1].unpack(w[model.unit_slices[1]])["attn_w"]
     assert np.shares_memory(view, w)             # unpack gives views, not copies
 
 
@@ -207,8 +259,20 @@ def test_sizes_layout_and_validation() -> None:
         model.make_stage(1).loss(np.zeros((3, 6, len(model.vocab))), 0)
     with pytest.raises(ValueError, match="stage must be in"):
         model.make_stage(5)
-    with pytest.raises(ValueError, match="at least 3 stages"):
+    with pytest.raises(ValueError, match="needs layers"):
         build_charlm(2)
+    with pytest.raises(ValueError, match="at least 5 layers"):
+        build_charlm(7, layers=4)
+    with pytest.raises(ValueError, match="sums to 5 units; the model has 6"):
+        build_charlm(3, layers=4, partition=(2, 2, 1))
+    with pytest.raises(ValueError, match="2 entries for 3 stages"):
+        build_charlm(3, layers=4, partition=(3, 3))
+    with pytest.raises(ValueError, match="at least one unit"):
+        build_charlm(3, layers=4, partition=(0, 3, 3))
+    with pytest.raises(ValueError, match="dtype"):
+        build_charlm(3, dtype="float16")
+    assert parameter_count(4, 8, 6, 7, n_layers=6) == small_model(
+        4, layers=6, text="abcdefg" * 20).dim
     with pytest.raises(ValueError, match="divide width"):
         build_charlm(3, width=10, heads=3)
     with pytest.raises(ValueError, match="characters"):
@@ -228,3 +292,46 @@ def test_pd_simulation_trains_on_generated_corpus() -> None:
     obj = trace.objective.value
     assert obj[-1] < obj[0] - 0.5
     assert trace.final_weights.shape == (model.dim,)
+
+
+def test_float32_pd_simulation_loss_falls_on_two_stages() -> None:
+    model = build_charlm(2, width=32, heads=2, context=32, batch_size=8, seed=0, layers=2,
+                         partition=(2, 2), dtype="float32")
+    assert model.init_weights().dtype == np.float32
+    trace = simulate(generate("pd", 2, 40), model, 0.1, eval_every=20)
+    loss = trace.updates.loss[trace.updates.stage == 1]
+    assert loss.size == 40 and np.isfinite(loss).all()
+    assert loss[-10:].mean() < loss[:10].mean() - 0.3
+    assert trace.objective.value[-1] < trace.objective.value[0] - 0.5
+
+
+# ----- S = 1 and S = 3 on real ranks (the MPI phases run at -n 2 and -n 4) -------------------
+
+BIN = Path(sys.executable).parent
+MPIEXEC = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec"
+
+
+@pytest.mark.parametrize("stages,extra", [(1, ["--layers", "2"]),
+                                          (3, ["--layers", "3", "--partition", "2,1,2"])])
+def test_static_pd_on_ranks_equals_simulator(tmp_path: Path, stages: int,
+                                             extra: list[str]) -> None:
+    """S = 1 (one process: the sequential baseline on the pipeline's code path) and an
+    uneven S = 3, on an mpiexec job of S ranks, equal the simulator to 1e-10 (float64)."""
+    args = ["--method", "pd", "--objective", "charlm", "--stages", str(stages),
+            "--microbatches", "5", "--width", "16", "--heads", "2", "--context", "8",
+            "--batch-size", "2", "--lr", "0.1", "--eval-every", "10", *extra]
+    job = subprocess.run(["timeout", "-k", "5", "120", MPIEXEC, "-n", str(stages),
+                          sys.executable, "-m", "rpd_mpi", "train", *args, "--out",
+                          str(tmp_path / "mpi.h5")], capture_output=True, text=True,
+                         timeout=150)
+    assert job.returncode == 0, job.stderr
+    sim = subprocess.run([sys.executable, "-m", "rpd_mpi", "simulate", *args, "--out",
+                          str(tmp_path / "sim.h5")], capture_output=True, text=True, timeout=120)
+    assert sim.returncode == 0, sim.stderr
+    a, b = read_run(tmp_path / "mpi.h5"), read_run(tmp_path / "sim.h5")
+    assert len(a.final_blocks) == stages and a.attrs["engine"] == "mpi"
+    for x, y in zip(a.final_blocks, b.final_blocks):
+        assert np.abs(x - y).max() <= 1e-10 * max(1.0, np.abs(y).max())
+    np.testing.assert_allclose(a.updates.loss[a.updates.stage == stages - 1],
+                               b.updates.loss[b.updates.stage == stages - 1], rtol=1e-10)
+    assert a.attrs["partition"] == b.attrs["partition"]

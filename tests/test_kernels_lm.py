@@ -79,3 +79,32 @@ def test_dispatch_uses_numba_only_for_numpy() -> None:
         assert K.kernel(name, fake_xp) is ref
         assert K.kernel(name, np) is (fast if name in K.NUMBA_FASTER else ref)
     assert K.array_module(np.zeros(2)) is np
+
+
+def _as32(args: tuple) -> tuple:
+    return tuple(a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype == np.float64
+                 else a for a in args)
+
+
+def _close32(a: object, b: object) -> bool:
+    """float32 results: the same dtype, equal to 1e-4 relative to the values' scale."""
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_close32(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return abs(a - b) <= 1e-4 * max(1.0, abs(b))
+    a, b = np.asarray(a), np.asarray(b)
+    same = a.dtype == b.dtype and (a.dtype != np.float64)
+    scale = max(1.0, float(np.abs(b).max(initial=0.0)))
+    return same and a.shape == b.shape and bool(np.abs(a - b).max(initial=0.0) <= 1e-4 * scale)
+
+
+@pytest.mark.parametrize("name", sorted(K.KERNELS))
+def test_float32_kernels_stay_float32_and_match(name: str) -> None:
+    """The kernels are compiled for float32 too (numba specialises per dtype) and keep it."""
+    rng = np.random.default_rng(5)
+    args = _as32(args_for(name, rng, 9, 12))
+    fast, ref = K.KERNELS[name]
+    got, want = fast(*args), ref(*args)
+    assert _close32(got, want), name
+    first = got[0] if isinstance(got, tuple) else got
+    assert getattr(first, "dtype", np.float32) == np.float32 or isinstance(first, float), name

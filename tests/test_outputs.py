@@ -167,6 +167,22 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]
 
 
+def test_a_lock_of_a_zombie_is_taken_over(tmp_path: Path) -> None:
+    """A process that ended but was not reaped (the ranks of a killed mpiexec) holds no lock."""
+    zombie = subprocess.Popen(["true"])
+    for _ in range(200):                         # ended, and deliberately not waited for
+        with open(f"/proc/{zombie.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    try:
+        _lock(tmp_path, zombie.pid, socket.gethostname())
+        res = cli(tmp_path, "simulate", *SMALL, "--out", "run.h5")
+        assert res.returncode == EXIT_OK, res.stderr
+    finally:
+        zombie.wait()
+
+
 def test_train_refuses_a_second_run_on_the_same_out_once(tmp_path: Path) -> None:
     first = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "rpd_mpi", "train",
                               *SMALL, "--microbatches", "40", "--op-cost", "0.05", "--wait",

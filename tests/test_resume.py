@@ -61,15 +61,25 @@ RUNS = {
                         "--trajectories", "2", "--local-steps", "3", "--microbatches", "3000"],
     "gpipe": ["--method", "gpipe", "--stages", "4", "--microbatches", "6000"],
     "naive": ["--method", "naive", "--stages", "3", "--microbatches", "2500"],
+    "rpd-uniform": ["--method", "rpd", "--stages", "4", "--microbatches", "1500",
+                    "--delay-source", "uniform"],
+    "rpd-pd": ["--method", "rpd", "--stages", "4", "--microbatches", "1500",
+               "--delay-source", "pd"],
+    "rpd-max": ["--method", "rpd", "--stages", "3", "--microbatches", "1500",
+                "--delay-source", "max"],
+    "rpd-zero": ["--method", "rpd", "--stages", "3", "--microbatches", "1500",
+                 "--delay-source", "zero"],
+    "charlm": ["--method", "pd", "--stages", "3", "--objective", "charlm", "--width", "16",
+               "--heads", "2", "--context", "16", "--microbatches", "600", "--eval-every", "20"],
 }
-DATA = ["--objective", "logistic", "--noise", "0.3", "--dim", "32", "--examples", "200"]
+LINEAR = ["--objective", "logistic", "--noise", "0.3", "--dim", "32", "--examples", "200"]
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_a_killed_simulation_resumes_to_the_same_run(tmp_path: Path, name: str,
                                                      how: str) -> None:
-    flags = RUNS[name] + DATA
+    flags = RUNS[name] + ([] if name == "charlm" else LINEAR)
     subprocess.run(SIM + flags + ["--out", "full.h5"], cwd=tmp_path, check=True, timeout=120)
     out = tmp_path / "run.h5"
     cmd = SIM + flags + ["--out", str(out), "--checkpoint-every", "0.05"]
@@ -88,6 +98,9 @@ def test_a_killed_simulation_resumes_to_the_same_run(tmp_path: Path, name: str,
     assert "resumed run" in res.stderr
     full, resumed = read_run(tmp_path / "full.h5"), read_run(out)
     same_run(full, resumed)
+    if name == "charlm":                 # the held-out losses are part of the state too
+        assert full.objective.validation is not None
+        assert np.array_equal(full.objective.validation, resumed.objective.validation)
     assert resumed.attrs["resumed"] >= 1
     segments = json.loads(resumed.attrs["segments"])
     assert segments[-1]["cause"] == "complete" and len(segments) >= 2
@@ -96,7 +109,7 @@ def test_a_killed_simulation_resumes_to_the_same_run(tmp_path: Path, name: str,
 
 
 def test_resume_without_a_checkpoint_starts_afresh(tmp_path: Path) -> None:
-    flags = RUNS["pd"][:-1] + ["50"] + DATA
+    flags = RUNS["pd"][:-1] + ["50"] + LINEAR
     res = subprocess.run(SIM + flags + ["--out", "a.h5", "--resume"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -105,7 +118,7 @@ def test_resume_without_a_checkpoint_starts_afresh(tmp_path: Path) -> None:
 
 def test_a_different_configuration_is_refused_naming_the_field(tmp_path: Path) -> None:
     out = tmp_path / "run.h5"
-    cmd = SIM + RUNS["pd"] + DATA + ["--out", str(out), "--checkpoint-every", "0.05"]
+    cmd = SIM + RUNS["pd"] + LINEAR + ["--out", str(out), "--checkpoint-every", "0.05"]
     job = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.DEVNULL)
     _wait_for_checkpoint(out, job)
     job.kill()

@@ -27,7 +27,7 @@ from rpd_mpi.records import RunRecord
 
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 DATA = ["--objective", "logistic", "--noise", "0.3", "--dim", "32", "--examples", "200",
-        "--op-cost", "0.004", "--quiet", "--timeout", "30"]
+        "--op-cost", "0.004", "--quiet", "--timeout", "20"]
 RUNS = {
     "pd": ["--method", "pd", "--stages", "4", "--microbatches", "300"],
     "localsgd-groups": ["--method", "localsgd", "--stages", "2", "--groups", "2",
@@ -77,6 +77,7 @@ def _interrupt(tmp: Path, cmd: list[str], how: str) -> subprocess.CompletedProce
         job.send_signal(signal.SIGTERM)
     code = job.wait(timeout=120)
     err.close()
+    _wait_until_gone(tmp / "run.h5")
     if code == 0:
         pytest.skip("the run completed before the signal landed")
     if how == "SIGTERM":
@@ -85,6 +86,17 @@ def _interrupt(tmp: Path, cmd: list[str], how: str) -> subprocess.CompletedProce
         assert "checkpoint" in text and "rerun with --resume" in text, text
     return subprocess.run(cmd + ["--resume"], cwd=tmp, capture_output=True, text=True,
                           timeout=180)
+
+
+def _wait_until_gone(out: Path, limit: float = 90) -> None:
+    """Until no process of the job is left: after one rank is killed, mpiexec may end before
+    a surviving rank, which then waits in vain for the dead one until --timeout (what a
+    scheduler's cleanup does at once). Resuming earlier would meet its lock on --out."""
+    t0 = time.monotonic()
+    while subprocess.run(["pgrep", "-f", f"rpd_mpi train .*--out {out}"],
+                         capture_output=True).returncode == 0:
+        assert time.monotonic() - t0 < limit, "the killed job's ranks did not end"
+        time.sleep(0.1)
 
 
 @pytest.mark.timeout(400)

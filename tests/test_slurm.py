@@ -180,3 +180,49 @@ def test_gpu_script_gives_each_stage_its_gpu(slurm: Cluster, tmp_path: Path) -> 
     for line in lines:
         assert line.split(" args ")[1].startswith(f"train --device cuda --stages {GPUS} --out ")
         assert line.endswith("--microbatches 6")
+
+
+def test_a_stopped_job_requeues_and_resumes_to_the_uninterrupted_run(slurm: Cluster,
+                                                                     tmp_path: Path) -> None:
+    """jobs/pipeline-resumable.sbatch: USR1 to the batch script (what --signal=B:USR1@120
+    sends near the time limit) makes the ranks take a final checkpoint and exit 5; the script
+    requeues the job, the requeued run resumes (same job id, same --out) and ends with a
+    complete ledger equal to an uninterrupted run's."""
+    import time
+
+    import numpy as np
+    flags = ["--method", "pd", "--objective", "logistic", "--noise", "0.3", "--dim", "32",
+             "--examples", "200", "--microbatches", "300", "--op-cost", "0.005", "--quiet"]
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    ref = _run([mpiexec, "-n", "2", sys.executable, "-m", "rpd_mpi", "train", "--stages", "2",
+                *flags, "--out", str(tmp_path / "full.h5")], 120)
+    assert ref.returncode == 0, ref.stderr
+    got = slurm.run(["sbatch", "--parsable", f"--chdir={tmp_path}", "--ntasks=2",
+                     "jobs/pipeline-resumable.sbatch", *flags], 30, RPD_CHECKPOINT_EVERY="0.3")
+    assert got.returncode == 0, got.stderr
+    job = got.stdout.strip().split(";")[0]
+    out = tmp_path / f"pipeline-{job}.h5"
+    t0 = time.monotonic()
+    while not [p for p in tmp_path.glob(f"{out.name}.*.ckpt/step-*")
+               if not p.name.endswith(".tmp")]:
+        assert time.monotonic() - t0 < 90, "no checkpoint within 90 s"
+        time.sleep(0.05)
+    sig = slurm.run(["scancel", "--signal=USR1", "--batch", job])
+    assert sig.returncode == 0, sig.stderr
+    log = tmp_path / f"rpd-resumable-{job}.out"
+    while True:
+        queued = slurm.run(["squeue", "-h", "-j", job]).stdout.strip()
+        text = log.read_text() if log.exists() else ""
+        if not queued and out.exists() and "start 2" in text:
+            break
+        assert time.monotonic() - t0 < 240, f"the job did not finish resumed:\n{text}"
+        time.sleep(0.5)
+    assert "requeueing" in text and "resumed run" in text, text
+    full, resumed = read_run(tmp_path / "full.h5"), read_run(out)
+    assert resumed.attrs["status"] == "complete" and resumed.attrs["resumed"] >= 1
+    for x, y in zip(full.final_blocks, resumed.final_blocks):
+        assert float(np.abs(x - y).max()) == 0.0
+    order = [np.lexsort((r.updates.microbatch, r.updates.stage)) for r in (full, resumed)]
+    for f in ("stage", "microbatch", "batch", "version", "loss", "grad_norm"):
+        assert np.array_equal(getattr(full.updates, f)[order[0]],
+                              getattr(resumed.updates, f)[order[1]]), f

@@ -395,7 +395,9 @@ def test_experiment_e5_quick_with_seeds_has_bands(tmp_path: Path, capsys) -> Non
     assert experiments.main(["E5", "--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "E5.json").read_text())
     assert data["seeds"] == 2
-    for point in data["measured"].values():
+    points = [p for key, p in data["measured"].items() if key.isdigit()]     # per S
+    assert len(points) == 3 and data["measured"]["budget_protocol"] == "untruncated"
+    for point in points:
         for method in ("PD", "RPD", "LocalSGD"):
             m = point[method]
             assert m["seeds"] == [0, 1] and len(m["seed_finals"]) == 2

@@ -9,6 +9,15 @@ The rule that picks the step size (docs/DESIGN.md 7: "each method gets its best"
   - the best step size is the one with the lowest score (ties: the smaller step size).
 When the best lies on the edge of the grid the summary says so: the grid should be widened.
 
+`--selector stable` is the paper's rule instead (its E4/E5 notebooks), on the raw objective f
+of the last `--tail` share of the points (at least `--tail-min` of them): a step size is
+**stable** when, on that tail, the coefficient of variation std/mean <= 0.15, the fraction of
+steps that go up <= 0.45, the largest relative up-jump (f[i+1] - f[i]) / |f[i]| <= 0.05, the
+total variation over the net change sum|Δf| / |f[-1] - f[0]| <= 5 and the least-squares
+slope of log f per point <= 1e-4 (`--thresholds llm`, the paper's LLM runs: 0.25, 0.55, 0.10,
+10, 1e-3). Among the stable, non-diverged step sizes whose tail mean is within 5 % of the best
+stable tail mean the smallest step size wins; when none is stable, the lowest tail mean.
+
 Ledgers are written as `<out>/<name>_lr<e>.h5` for lr = 2^e; the best is renamed to
 `<out>/<name>.h5` (the others are removed unless --keep-all). The summary goes to
 `<out>/<name>_sweep.md` and `.json`.
@@ -51,8 +60,102 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]*")
 
 
 @dataclass(frozen=True)
+class Thresholds:
+    """The stable rule's limits on a tail (module docstring)."""
+
+    cv: float
+    up_fraction: float
+    up_jump: float
+    tv_ratio: float
+    log_slope: float
+
+
+PAPER_THRESHOLDS = Thresholds(0.15, 0.45, 0.05, 5.0, 1e-4)
+LLM_THRESHOLDS = Thresholds(0.25, 0.55, 0.10, 10.0, 1e-3)
+THRESHOLDS = {"paper": PAPER_THRESHOLDS, "llm": LLM_THRESHOLDS}
+SELECTORS = ("tail-mean", "stable")
+WITHIN = 0.05        # stable: step sizes within 5 % of the best stable tail mean
+
+
+@dataclass(frozen=True)
+class Selector:
+    """How a sweep picks its step size: `tail-mean` (lowest mean f − f⋆ of the last 10 %) or
+    `stable` (the paper's rule on the last `tail` share of raw f, >= `tail_min` points)."""
+
+    kind: str = "tail-mean"
+    tail: float = TAIL
+    tail_min: int = 1
+    thresholds: Thresholds = PAPER_THRESHOLDS
+
+    def __post_init__(self) -> None:
+        if self.kind not in SELECTORS:
+            raise ToolError(f"--selector must be one of {', '.join(SELECTORS)} "
+                            f"(got {self.kind!r})")
+        if not 0.0 < self.tail <= 1.0:
+            raise ToolError(f"--tail must be in (0, 1] (got {self.tail})")
+        if self.tail_min < 1:
+            raise ToolError(f"--tail-min must be >= 1 (got {self.tail_min})")
+
+    def describe(self) -> str:
+        if self.kind == "tail-mean":
+            return (f"min mean(f - f*) over the last {TAIL:.0%} of objective points; "
+                    f"NaN/inf or final > {BLOWUP:g}x initial = diverged, excluded")
+        t = self.thresholds
+        return (f"stable on the last {self.tail:g} of the points (>= {self.tail_min}) of raw f: "
+                f"cv <= {t.cv:g}, up-steps <= {t.up_fraction:g}, up-jump <= {t.up_jump:g}, "
+                f"TV/|net| <= {t.tv_ratio:g}, log-slope <= {t.log_slope:g}; the smallest lr "
+                f"within {WITHIN:.0%} of the best stable tail mean; none stable: the best "
+                f"tail mean; diverged excluded")
+
+
+TAIL_MEAN = Selector()
+
+
+@dataclass(frozen=True)
+class TailStats:
+    """The stable rule's statistics of one curve's tail of raw f."""
+
+    mean: float
+    cv: float
+    up_fraction: float
+    up_jump: float
+    tv_ratio: float
+    log_slope: float
+
+    def stable(self, t: Thresholds) -> bool:
+        values = (self.cv, self.up_fraction, self.up_jump, self.tv_ratio, self.log_slope)
+        limits = (t.cv, t.up_fraction, t.up_jump, t.tv_ratio, t.log_slope)
+        return all(math.isfinite(v) and v <= lim for v, lim in zip(values, limits))
+
+
+def tail_stats(values: np.ndarray, tail: float, tail_min: int) -> TailStats:
+    """`TailStats` of the last max(tail_min, ceil(tail * n)) points of `values` (raw f)."""
+    v = np.asarray(values, dtype=float)
+    m = min(v.size, max(tail_min, math.ceil(tail * v.size)))
+    t = v[v.size - m:]
+    nan = math.nan
+    if t.size == 0 or not np.all(np.isfinite(t)):
+        return TailStats(nan, nan, nan, nan, nan, nan)
+    mean = float(t.mean())
+    cv = float(t.std()) / abs(mean) if mean else math.inf
+    if t.size < 2:
+        return TailStats(mean, cv, 0.0, 0.0, 0.0, 0.0)
+    d = np.diff(t)
+    up = d > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        jumps = np.where(up, d / np.abs(t[:-1]), 0.0)
+    tv, net = float(np.abs(d).sum()), abs(float(t[-1] - t[0]))
+    ratio = 0.0 if tv == 0.0 else (tv / net if net else math.inf)
+    slope = float(np.polyfit(np.arange(t.size, dtype=float),
+                             np.log(np.maximum(t, np.finfo(float).tiny)), 1)[0]) \
+        if np.all(t > 0) else math.inf
+    return TailStats(mean, cv, float(up.mean()), float(np.max(jumps)), ratio, slope)
+
+
+@dataclass(frozen=True)
 class SweepPoint:
-    """One step size: its scores and where its ledger was written."""
+    """One step size: its scores and where its ledger was written; `tail_mean` and
+    `stable` are the stable rule's (nan / False when the sweep did not use it)."""
 
     lr: float
     initial: float
@@ -61,6 +164,9 @@ class SweepPoint:
     diverged: bool
     ledger: str
     seconds: float
+    tail_mean: float = math.nan
+    stable: bool = False
+    final_f: float = math.nan       # the raw objective f at the end
 
 
 @dataclass(frozen=True)
@@ -71,6 +177,7 @@ class SweepResult:
     points: tuple[SweepPoint, ...]
     best: SweepPoint | None
     best_ledger: str | None
+    selector: Selector = TAIL_MEAN
 
     @property
     def at_edge(self) -> bool:
@@ -80,8 +187,7 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "best_lr": self.best.lr if self.best else None,
                 "best_ledger": self.best_ledger, "at_edge": self.at_edge,
-                "rule": f"min mean(f - f*) over the last {TAIL:.0%} of objective points; "
-                        f"NaN/inf or final > {BLOWUP:g}x initial = diverged, excluded",
+                "selector": self.selector.kind, "rule": self.selector.describe(),
                 "points": [dataclasses.asdict(p) for p in self.points]}
 
 
@@ -117,44 +223,67 @@ def ledger_name(name: str, lr: float) -> str:
     return f"{name}_lr{e if e is not None else format(lr, 'g')}.h5"
 
 
-def run_point(cfg: RunConfig) -> SweepPoint:
+def run_point(cfg: RunConfig, selector: Selector = TAIL_MEAN) -> SweepPoint:
     """Simulate one configuration, write its ledger to cfg.out and score it."""
     t0 = time.perf_counter()
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         record = simulate_run(cfg)
     write_run(cfg.out, record)
-    return _point(record, cfg.lr, cfg.out, time.perf_counter() - t0)
+    return _point(record, cfg.lr, cfg.out, time.perf_counter() - t0, selector)
 
 
-def _point(record: RunRecord, lr: float, path: str, seconds: float) -> SweepPoint:
+def _run_pair(job: tuple[RunConfig, Selector]) -> SweepPoint:
+    return run_point(*job)
+
+
+def _point(record: RunRecord, lr: float, path: str, seconds: float,
+           selector: Selector = TAIL_MEAN) -> SweepPoint:
     initial, final, score, diverged = score_record(record)
-    return SweepPoint(lr, initial, final, score, diverged, path, seconds)
+    raw = np.asarray(record.objective.value, dtype=float)
+    final_f = float(raw[-1]) if raw.size else math.nan
+    if selector.kind == "tail-mean":
+        return SweepPoint(lr, initial, final, score, diverged, path, seconds, final_f=final_f)
+    stats = tail_stats(raw, selector.tail, selector.tail_min)
+    return SweepPoint(lr, initial, final, score, diverged, path, seconds, stats.mean,
+                      stats.stable(selector.thresholds), final_f)
 
 
-def pick(points: Sequence[SweepPoint]) -> SweepPoint | None:
-    """The non-diverged point of lowest score (smaller lr on ties); None if all diverged."""
+def pick(points: Sequence[SweepPoint], selector: Selector = TAIL_MEAN) -> SweepPoint | None:
+    """The picked point by `selector` (module docstring); None if all diverged.
+    tail-mean: the non-diverged point of lowest score (smaller lr on ties)."""
     ok = [p for p in points if not p.diverged]
-    return min(ok, key=lambda p: (p.score, p.lr)) if ok else None
+    if not ok:
+        return None
+    if selector.kind == "tail-mean":
+        return min(ok, key=lambda p: (p.score, p.lr))
+    ok = [p for p in ok if math.isfinite(p.tail_mean)] or ok
+    stable = [p for p in ok if p.stable]
+    if not stable:
+        return min(ok, key=lambda p: (p.tail_mean, p.lr))
+    best = min(p.tail_mean for p in stable)
+    near = [p for p in stable if p.tail_mean <= best + WITHIN * abs(best)]
+    return min(near, key=lambda p: p.lr)
 
 
 def sweep(cfg_base: RunConfig, lrs: Sequence[float], jobs: int = 2,
           out_dir: str | Path = "results/sweep", name: str = "",
-          keep_all: bool = False) -> SweepResult:
+          keep_all: bool = False, selector: Selector = TAIL_MEAN) -> SweepResult:
     """Run `cfg_base` at every step size of `lrs` in `jobs` processes and pick the best."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = name or cfg_base.schedule.method
     cfgs = [dataclasses.replace(cfg_base, lr=lr, out=str(out / ledger_name(name, lr)))
             for lr in sorted(set(lrs))]
-    points = parallel_map(run_point, cfgs, jobs)
-    return finish(name, points, out, keep_all)
+    points = parallel_map(_run_pair, [(c, selector) for c in cfgs], jobs)
+    return finish(name, points, out, keep_all, selector)
 
 
-def finish(name: str, points: Sequence[SweepPoint], out: Path, keep_all: bool) -> SweepResult:
+def finish(name: str, points: Sequence[SweepPoint], out: Path, keep_all: bool,
+           selector: Selector = TAIL_MEAN) -> SweepResult:
     """Pick the best point, keep its ledger as <out>/<name>.h5, drop the rest (unless kept)."""
     points = sorted(points, key=lambda p: p.lr)
-    best = pick(points)
+    best = pick(points, selector)
     best_path = None
     if best is not None:
         best_path = out / f"{name}.h5"
@@ -167,11 +296,13 @@ def finish(name: str, points: Sequence[SweepPoint], out: Path, keep_all: bool) -
         for p in points:
             if p is not best:
                 Path(p.ledger).unlink(missing_ok=True)
-    return SweepResult(name, tuple(points), best, str(best_path) if best_path else None)
+    return SweepResult(name, tuple(points), best, str(best_path) if best_path else None,
+                       selector)
 
 
 def refine(cfg_base: RunConfig, center: int, lo: int, hi: int, jobs: int,
-           out_dir: str | Path, name: str = "", width: int = 1) -> SweepResult:
+           out_dir: str | Path, name: str = "", width: int = 1,
+           selector: Selector = TAIL_MEAN) -> SweepResult:
     """Sweep 2^(center-width..center+width) within [2^lo, 2^hi]; while the best is on an edge
     that is not a limit, add the next power of two beyond it (a narrowed grid for costly S)."""
     name = name or cfg_base.schedule.method
@@ -181,30 +312,38 @@ def refine(cfg_base: RunConfig, center: int, lo: int, hi: int, jobs: int,
         todo = sorted(exps - set(points))
         if not todo:
             break
-        res = sweep(cfg_base, [2.0 ** e for e in todo], jobs, out_dir, name, keep_all=True)
+        res = sweep(cfg_base, [2.0 ** e for e in todo], jobs, out_dir, name, keep_all=True,
+                    selector=selector)
         points.update({lr_exponent(p.lr): p for p in res.points})   # type: ignore[misc]
-        best = pick(list(points.values()))
+        best = pick(list(points.values()), selector)
         e = lr_exponent(best.lr) if best else None
         if e is not None and e == min(points) and e > lo:
             exps.add(e - 1)
         elif e is not None and e == max(points) and e < hi:
             exps.add(e + 1)
-    return finish(name, list(points.values()), Path(out_dir), keep_all=False)
+    return finish(name, list(points.values()), Path(out_dir), keep_all=False,
+                  selector=selector)
 
 
 def summary_markdown(result: SweepResult) -> str:
     """lr, initial, final, score, diverged, seconds; the picked row in bold; the rule."""
     rows = []
+    stable = result.selector.kind == "stable"
     for p in result.points:
         mark = "**" if p is result.best else ""
+        extra = (fmt(p.final_f), fmt(p.tail_mean), "yes" if p.stable else "no") if stable else ()
         rows.append((f"{mark}{lr_text(p.lr)}{mark}", fmt(p.initial), fmt(p.final),
-                     fmt(p.score), "yes" if p.diverged else "no", f"{p.seconds:.1f}"))
-    table = markdown_table(("lr", "initial f−f⋆", "final f−f⋆", "score (last 10%)",
+                     fmt(p.score), *extra, "yes" if p.diverged else "no", f"{p.seconds:.1f}"))
+    heads = ("final f", f"tail mean f (last {result.selector.tail:g})", "stable") \
+        if stable else ()
+    table = markdown_table(("lr", "initial f−f⋆", "final f−f⋆", "score (last 10%)", *heads,
                             "diverged", "seconds"), rows)
     if result.best is None:
         verdict = "every step size diverged: no pick"
     else:
         verdict = f"picked lr = {lr_text(result.best.lr)} (score {fmt(result.best.score, 4)})"
+        if stable:
+            verdict += f" by the stable rule ({result.selector.describe()})"
         if result.at_edge:
             verdict += "; **on the edge of the grid**: widen it"
     return f"{table}\n\n{verdict}"
@@ -225,7 +364,8 @@ def slurm_lines(flags: Sequence[str], lo: int, hi: int, out: str) -> str:
             f"--out {shlex.quote(out)} --index i)")
 
 
-def collect(lrs: Sequence[float], out: Path, name: str) -> SweepResult:
+def collect(lrs: Sequence[float], out: Path, name: str,
+            selector: Selector = TAIL_MEAN) -> SweepResult:
     """Score ledgers written elsewhere: <out>/<name>_lr<e>.h5 (--index) or <out>/lr_<i>.h5
     (jobs/sweep.sbatch task i). Keeps every ledger; the best is copied to <out>/<name>.h5."""
     points = []
@@ -239,14 +379,15 @@ def collect(lrs: Sequence[float], out: Path, name: str) -> SweepResult:
         if not math.isclose(float(record.attrs.get("lr", math.nan)), lr):
             raise ToolError(f"--collect: {path} was run with lr {record.attrs.get('lr')}, "
                             f"expected {lr_text(lr)} (check --lr-lo / LR_LO)")
-        points.append(_point(record, lr, str(path), 0.0))
-    return finish(name, points, out, keep_all=True)
+        points.append(_point(record, lr, str(path), 0.0, selector))
+    return finish(name, points, out, keep_all=True, selector=selector)
 
 
 def _pass_through(argv: Sequence[str]) -> list[str]:
     """The run flags of argv without the sweep's own options."""
     own = {"--jobs": 1, "--out": 1, "--name": 1, "--lr-lo": 1, "--lr-hi": 1, "--index": 1,
-           "--keep-all": 0, "--collect": 0, "--json": 0}
+           "--keep-all": 0, "--collect": 0, "--json": 0, "--selector": 1, "--tail": 1,
+           "--tail-min": 1, "--thresholds": 1}
     out, i = [], 0
     while i < len(argv):
         if argv[i] in own:
@@ -273,12 +414,35 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only grid point INDEX")
     p.add_argument("--collect", action="store_true", help="score ledgers already written")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--selector", choices=SELECTORS, default="tail-mean",
+                   help="how the step size is picked: tail-mean (lowest mean f - f* over the "
+                        "last 10%%) or stable (the paper's rule; see --tail, --thresholds) "
+                        "(default tail-mean)")
+    p.add_argument("--tail", type=float, default=None,
+                   help="stable: share of the points the tail statistics use (default 0.2)")
+    p.add_argument("--tail-min", type=int_at_least(1), default=1,
+                   help="stable: at least this many tail points (default 1)")
+    p.add_argument("--thresholds", choices=tuple(THRESHOLDS), default="paper",
+                   help="stable: the paper's limits or the looser ones of its LLM runs "
+                        "(default paper)")
     args = p.parse_args(argv)
     return guarded(lambda: _main(args, argv))
 
 
+def selector_of(args: argparse.Namespace) -> Selector:
+    """The `Selector` of the sweep flags (`--tail` only with --selector stable)."""
+    if args.selector == "tail-mean":
+        if args.tail is not None or args.tail_min != 1 or args.thresholds != "paper":
+            raise ToolError("--tail, --tail-min and --thresholds: only --selector stable "
+                            "uses them")
+        return TAIL_MEAN
+    return Selector("stable", 0.2 if args.tail is None else args.tail, args.tail_min,
+                    THRESHOLDS[args.thresholds])
+
+
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = config_from_args(args, skip=("--out", "--lr"))
+    selector = selector_of(args)
     lrs, out = power_grid(args.lr_lo, args.lr_hi), Path(args.out or DEFAULT_OUT)
     if args.out:
         check_out_dir(out)
@@ -290,13 +454,14 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             raise ToolError(f"--index must be in 0..{len(lrs) - 1} (got {args.index})")
         out.mkdir(parents=True, exist_ok=True)
         lr = lrs[args.index]
-        point = run_point(dataclasses.replace(cfg, lr=lr, out=str(out / ledger_name(name, lr))))
+        point = run_point(dataclasses.replace(cfg, lr=lr, out=str(out / ledger_name(name, lr))),
+                          selector)
         print(jsonout.dumps(dataclasses.asdict(point)))
         return 0
     if args.collect:
-        result = collect(lrs, out, name)
+        result = collect(lrs, out, name, selector)
     else:
-        result = sweep(cfg, lrs, args.jobs, out, name, args.keep_all)
+        result = sweep(cfg, lrs, args.jobs, out, name, args.keep_all, selector)
     slurm = slurm_lines(_pass_through(argv), args.lr_lo, args.lr_hi, str(out))
     write_summary(result, out, slurm)
     print(jsonout.dumps(result.to_dict()) if args.json else summary_markdown(result) + "\n\n" + slurm)

@@ -26,7 +26,8 @@ class Checkpoints(Protocol):
 
 
 def array_state(obj: object, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The numpy arrays and numbers among `obj`'s attributes (copies), e.g. a tracker's."""
+    """The numpy arrays, numbers and lists of numbers among `obj`'s attributes (copies),
+    e.g. a tracker's."""
     out: dict[str, Any] = {}
     for name, value in vars(obj).items():
         if name in skip:
@@ -35,11 +36,13 @@ def array_state(obj: object, skip: tuple[str, ...] = ()) -> dict[str, Any]:
             out[name] = value.copy()
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = value
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            out[name] = list(value)          # e.g. the held-out losses recorded so far
     return out
 
 
 def restore_arrays(obj: object, state: dict[str, Any]) -> None:
-    """The inverse of `array_state`: arrays copied in place, numbers set."""
+    """The inverse of `array_state`: arrays copied in place, numbers and lists set."""
     for name, value in state.items():
         if isinstance(value, np.ndarray):
             getattr(obj, name)[...] = value

@@ -20,9 +20,15 @@ import numpy as np
 from rpd_mpi import signals
 from rpd_mpi.engines.blocks import BlockState
 from rpd_mpi.engines.cadence import due
+from rpd_mpi.engines.fast_rpd import simulate_rpd_fast
 from rpd_mpi.engines.health import Diverged, Health
+from rpd_mpi.engines.resume import Checkpoints, restore_rngs, rng_states
+from rpd_mpi.objectives.linear import BlockLinearModel
 from rpd_mpi.objectives.protocol import Model, Stage
 from rpd_mpi.records import Objective, Trace, UpdateRow, empty_events, row_array, to_updates
+
+
+FAST_MIN_UPDATES = 256     # fewer updates: the reference is faster than loading the kernels
 
 
 @dataclass(frozen=True)
@@ -71,11 +77,37 @@ def _replayed(replay: np.ndarray | None, updates: int, stages: int) -> np.ndarra
 def simulate_rpd(model: Model, lr: float, plan: RPDPlan, *, delta: int,
                  clock: np.ndarray | None = None, eval_every: int = 1,
                  progress: Callable[[int], None] | None = None,
-                 diverge_factor: float = 0.0) -> Trace:
+                 diverge_factor: float = 0.0, checkpoints: Checkpoints | None = None,
+                 resume: dict[str, Any] | None = None) -> Trace:
     """Run RPD for len(plan.stage) iterations. `clock[k]` is the time (slots) of update k
     (default: k + 1); the objective is recorded at the `--eval-every` cadence, checked when
     the clock moves on. `progress(updates_done)` is called after every update when given.
-    A bad value (see `simulate`) stops the run with the updates before it."""
+    A bad value (see `simulate`) stops the run with the updates before it.
+
+    Block-linear models run `fast_rpd.simulate_rpd_fast` (the same bits, a few calls per
+    update) unless the run is too short to pay for loading its compiled kernels; every other
+    model the stage-by-stage `simulate_python`, which also takes checkpoints between updates
+    (`checkpoints`) and continues from one (`resume`)."""
+    if checkpoints is not None or resume is not None:
+        return simulate_python(model, lr, plan, delta=delta, clock=clock,
+                               eval_every=eval_every, progress=progress,
+                               diverge_factor=diverge_factor, checkpoints=checkpoints,
+                               resume=resume)
+    if isinstance(model, BlockLinearModel) and plan.stage.size >= FAST_MIN_UPDATES:
+        return simulate_rpd_fast(model, lr, plan.stage, plan.batch, plan.delays, delta=delta,
+                                 clock=clock, eval_every=eval_every, progress=progress,
+                                 diverge_factor=diverge_factor)
+    return simulate_python(model, lr, plan, delta=delta, clock=clock, eval_every=eval_every,
+                           progress=progress, diverge_factor=diverge_factor)
+
+
+def simulate_python(model: Model, lr: float, plan: RPDPlan, *, delta: int,
+                    clock: np.ndarray | None = None, eval_every: int = 1,
+                    progress: Callable[[int], None] | None = None,
+                    diverge_factor: float = 0.0, checkpoints: Checkpoints | None = None,
+                    resume: dict[str, Any] | None = None) -> Trace:
+    """`simulate_rpd` through the `Stage` protocol, one stage call at a time: any model; the
+    reference the fast path is tested against (tests/test_fast_rpd.py)."""
     S, K = model.stages, plan.stage.size
     w = model.init_weights()
     health = Health(diverge_factor)
@@ -87,9 +119,30 @@ def simulate_rpd(model: Model, lr: float, plan: RPDPlan, *, delta: int,
     obj_t, obj_k, obj_v = [0.0], [0], [model.full_objective(w)]
     counted = 0                      # updates done when the objective was last checked
     divergence, stopped = None, ""
+    first = 0
+
+    def state(k: int) -> dict[str, Any]:
+        return {"k": k, "w": w.copy(), "blocks": [st.checkpoint() for st in states],
+                "rows": list(rows), "objective": (list(obj_t), list(obj_k), list(obj_v)),
+                "counted": counted, "rngs": rng_states(mods)}
+    if resume is not None:
+        first, counted = int(resume["k"]), int(resume["counted"])
+        w[...] = resume["w"]                 # in place: the blocks are views of w
+        for st, saved in zip(states, resume["blocks"]):
+            st.restore(saved)
+        rows = list(resume["rows"])
+        obj_t, obj_k, obj_v = (list(x) for x in resume["objective"])
+        restore_rngs(mods, resume["rngs"])
     try:
-        for k in range(K):
-            signals.check()                  # SIGTERM & co.: stop between updates
+        for k in range(first, K):
+            try:
+                signals.check()              # SIGTERM & co.: stop between updates
+            except signals.SignalStop as err:
+                if checkpoints is not None:
+                    checkpoints.save(state(k), k, signals.name(err.signum))
+                raise
+            if checkpoints is not None and k > first and checkpoints.due():
+                checkpoints.save(state(k), k, "checkpoint")
             s_k, m_k = int(plan.stage[k]), int(plan.batch[k])
             reads = [st.read_at(k - int(d)) for st, d in zip(states, plan.delays[k])]
             loss, g_w = _block_gradient(mods, [r[0] for r in reads], s_k, m_k)

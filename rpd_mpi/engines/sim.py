@@ -19,6 +19,7 @@ import numpy as np
 from rpd_mpi import signals
 from rpd_mpi.engines.blocks import BlockState, FlushBuffer, batch_of
 from rpd_mpi.engines.cadence import due
+from rpd_mpi.engines.fast_linear import simulate_linear
 from rpd_mpi.engines.health import Diverged, Health
 from rpd_mpi.engines.resume import (Checkpoints, array_state, restore_arrays, restore_rngs,
                                     rng_states)
@@ -198,7 +199,15 @@ def simulate(tl: Timeline, model: Model, lr: float, *, groups: int = 1,
     gradient or objective (or a loss over `diverge_factor` x the first) stops the run: the
     trace then holds the updates before it and its `divergence`. `checkpoints` takes the
     engine's state between slots when due (and at a stop signal); `resume`, such a state,
-    continues from it: the trace equals the uninterrupted run's exactly."""
+    continues from it: the trace equals the uninterrupted run's exactly.
+
+    Block-linear models without checkpoints run `fast_linear.simulate_linear` (the same
+    bits, a few calls per slot); it declines (None) where it does not apply."""
+    if checkpoints is None and resume is None:
+        fast = simulate_linear(tl, model, lr, groups=groups, eval_every=eval_every,
+                               progress=progress, diverge_factor=diverge_factor)
+        if fast is not None:
+            return fast
     eng = _Engine(tl, model, lr, groups, Health(diverge_factor))
     if resume is not None:
         eng.restore(resume)

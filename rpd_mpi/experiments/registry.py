@@ -1,11 +1,14 @@
 """The paper's experiments E1–E6 as named presets (docs/DESIGN.md 7), in simulated time.
 
-`rpd-mpi experiment NAME [--out DIR] [--quick] [--jobs J]` runs one preset (NAME = E1..E6, or
+`rpd-mpi experiment NAME [--out DIR] [--quick] [--jobs J] [--seeds N] [--selector
+{stable,tail-mean}]` runs one preset (NAME = E1..E6, or
 `all` for E1–E5) and writes to DIR (default results/NAME): NAME.md (command, table of what
 rpd_mpi measured next to the paper, notes, wall time), NAME.json, NAME.png, the best ledger of
 every step-size sweep under ledgers/ and each sweep's summary under sweeps/. It prints the
 Markdown and the wall time. `--quick` runs reduced sizes and grids (for tests); its numbers are
-not comparable with the paper's. The settings of E2–E5 live in `rpd_mpi.experiments.presets`.
+not comparable with the paper's. The settings of E2–E5 live in `rpd_mpi.experiments.presets`
+(each follows the paper's set-up and budget protocol; step sizes by the paper's stable rule
+unless `--selector tail-mean`; 5 seeds by default for E2's RPD curves, E4 and E5).
 
 E6 (character language model, rpd_mpi.experiments.e6) runs a reduced width on this CPU by default.
 A given `--out DIR` is created if missing, but its parent folder must exist.
@@ -37,26 +40,31 @@ REGISTRY: dict[str, tuple[str, Callable[[Settings], Outcome]]] = {
 NAMES = ("E1", "E2", "E3", "E4", "E5", "E6")
 
 
-def run_named(name: str, st: Settings) -> tuple[Outcome, float]:
-    """Run one experiment, write NAME.md / NAME.json, return the outcome and its seconds."""
-    title, fn = REGISTRY[name]          # every writer creates its folders
+def run_named(name: str, st: Settings, fn: Callable[[Settings], Outcome] | None = None,
+              flags: str = "") -> tuple[Outcome, float]:
+    """Run one experiment (by `fn` when given: E6 on --data/--width; `flags` are its extra
+    command-line flags for the report), write NAME.md / NAME.json, return the outcome and
+    its seconds."""
+    title, preset = REGISTRY[name]          # every writer creates its folders
     t0 = time.perf_counter()
-    outcome = fn(st)
+    outcome = (fn or preset)(st)
     seconds = time.perf_counter() - t0
-    write_text(st.out / f"{name}.md", report(name, title, st, outcome, seconds))
+    write_text(st.out / f"{name}.md", report(name, title, st, outcome, seconds, flags))
     write_text(st.out / f"{name}.json", jsonout.dumps(
         {"experiment": name, "quick": st.quick, "seconds": seconds,
-         "seeds": st.seeds, "png": str(outcome.png), "measured": outcome.measured,
+         "seeds": presets.seeds_of(st, name), "selector": st.selector, "png": str(outcome.png), "measured": outcome.measured,
          "notes": outcome.notes},
         indent=1, default=float))
     return outcome, seconds
 
 
-def report(name: str, title: str, st: Settings, outcome: Outcome, seconds: float) -> str:
+def report(name: str, title: str, st: Settings, outcome: Outcome, seconds: float,
+           flags: str = "") -> str:
     """The Markdown of one experiment run."""
-    command = f"rpd-mpi experiment {name} --out {shlex.quote(str(st.out))}" + \
+    command = f"rpd-mpi experiment {name} --out {shlex.quote(str(st.out))}{flags}" + \
         (" --quick" if st.quick else "") + f" --jobs {st.jobs}" + \
-        (f" --seeds {st.seeds}" if st.seeds > 1 else "")
+        (f" --seeds {st.seeds}" if st.seeds is not None else "") + \
+        (f" --selector {st.selector}" if st.selector != "stable" else "")
     notes = "".join(f"- {n}\n" for n in outcome.notes)
     return (f"# {name}: {title}{' (quick)' if st.quick else ''}\n\n`{command}`\n\n"
             f"{outcome.table}\n\n{notes}\n![{name}]({outcome.png.name})\n\n"
@@ -78,11 +86,27 @@ def main(argv: list[str] | None = None) -> int:
                         "DIR is created if missing, its parent must exist")
     p.add_argument("--quick", action="store_true", help="reduced sizes and grids")
     p.add_argument("--jobs", type=int_at_least(1), default=2, help="worker processes for sweeps")
-    p.add_argument("--seeds", type=int_at_least(1), default=1,
+    p.add_argument("--seeds", type=int_at_least(1), default=None,
                    help="seeds per curve (E2-E6): each step size is picked at seed 0, then "
-                        "the picked run is repeated at seeds 1..N-1 and the figure shows the "
-                        "mean with a min-max band (default 1; E1 has no randomness)")
+                        "the picked run is repeated at seeds 1..N-1, the tables show mean ± "
+                        "std and the figures the mean with a min-max band (default 5 for "
+                        "E2's RPD curves, E4 and E5, 2 with --quick, 1 elsewhere; E1 has no "
+                        "randomness)")
+    p.add_argument("--selector", choices=("stable", "tail-mean"), default="stable",
+                   help="how each sweep picks its step size: the paper's stable rule "
+                        "(default) or the lowest mean f - f* of the last 10%% "
+                        "(rpd_mpi.analysis.sweep)")
+    p.add_argument("--data", default="", metavar="FILE",
+                   help="E6 only: train the char LM on this UTF-8 text (e.g. `rpd-mpi data "
+                        "shakespeare --out corpus.txt`), its last 10%% held out for the "
+                        "validation loss (default: the generated corpus)")
+    p.add_argument("--width", type=int_at_least(1), default=0,
+                   help="E6 only: the model width (default: the preset's, 32; 8 with --quick)")
     args = p.parse_args(argv)
+    if (args.data or args.width) and args.name != "E6":
+        p.error(f"--data and --width are E6 options (got {args.name})")
+    e6_flags = (f" --data {shlex.quote(args.data)}" if args.data else "") + \
+        (f" --width {args.width}" if args.width else "")
 
     def body() -> int:
         if args.out is not None:
@@ -93,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             out = base / name if (args.name == "all" or args.out is None) else base
             settings = Settings(out, args.quick, max(1, args.jobs), _progress(name),
-                                args.seeds)
-            outcome, seconds = run_named(name, settings)
+                                args.seeds, args.selector)
+            outcome, seconds = run_named(name, settings, (lambda st: run_e6(
+                st, data=args.data, width=args.width)) if e6_flags else None, e6_flags)
             total += seconds
             print((out / f"{name}.md").read_text())
             print(f"{name} wall time: {seconds:.1f} s", flush=True)

@@ -9,13 +9,15 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class Settings:
-    """Where an experiment writes, whether it is the reduced version, how many processes."""
+    """Where an experiment writes, whether it is the reduced version, how many processes,
+    how many seeds (None: the preset's default) and which step-size selector."""
 
     out: Path
     quick: bool = False
     jobs: int = 2
     log: Callable[[str], None] | None = None     # progress lines (main: stderr)
-    seeds: int = 1          # seeds per tuned curve: lr picked at seed 0, rerun at 1..seeds-1
+    seeds: int | None = None    # seeds per point: lr picked at seed 0, rerun at 1..seeds-1
+    selector: str = "stable"    # the paper's rule, or "tail-mean" (rpd_mpi.analysis.sweep)
 
 
 @dataclass

@@ -6,9 +6,21 @@ renders it as text. The keys of the dict are stable (the CLI's `--json` contract
     method, stages, groups, trajectories, engine, objective   run identity (from attrs)
     updates              K, the number of block updates
     slots                T of the unit-time timeline, or None when the run has none
+    budget_slots         the slot budget T of --budget-slots, or None without one
+    budget_protocol      how that budget picked the run: smallest (smallest N reaching T, cut
+                         at T), fixed (the given N cut at T) or untruncated (smallest N, run
+                         to its end); None without a budget
     wall_time            max event end - min event start (seconds in MPI runs), or None
     final_objective      last objective value, or None
     final_gap            final_objective - attrs["f_star"], or None when f_star is unknown
+                         (charlm: final_objective is the training loss, nats per character,
+                         on fixed windows of the training split)
+    final_validation     charlm with a validation split: the last held-out loss (nats per
+                         character, /objective/validation), else None
+    final_validation_bits  the same in bits per character
+    tokens_per_second    charlm: characters trained on (microbatches through the last stage x
+                         batch size x context) per second of wall time (MPI: measured events;
+                         simulator: attribute run_seconds, objective evaluations included)
     steady_max_delay     max of the delays (all stages) over the second half of the updates
     steady_mean_delay    mean of the same entries
     max_local_staleness  max local staleness over all updates
@@ -21,6 +33,11 @@ renders it as text. The keys of the dict are stable (the CLI's `--json` contract
                          the same delay statistics computed on the unit-time timeline, to
                          set next to the measured ones of an MPI run
     stage_utilization    MPI: per stage (stage 0 first, summed over groups) busy / wall
+    partition            units (charlm) or coordinates per stage, or None (older ledgers)
+    stage_parameters     parameters of each stage, or None
+    predicted_stage_utilization
+                         --partition auto: each stage's busy fraction predicted from the
+                         profiled unit costs (`objectives.partition`), else None
     stage_bubble_time    MPI: per stage, seconds neither computing nor averaging (wall - busy)
     stage_wait_time      MPI: per stage, seconds blocked waiting for a message
     allreduce_time       MPI: seconds in LocalSGD averaging (AVG events), summed over ranks
@@ -36,17 +53,19 @@ from typing import Any, cast
 
 import numpy as np
 
-from rpd_mpi.records import AVG, IDLE, RunRecord
+from rpd_mpi.records import AVG, FWD, IDLE, RunRecord
 from rpd_mpi.schedule.delays import steady_max_mean, update_order
 from rpd_mpi.schedule.timeline import Timeline, busy_fraction
 
 SUMMARY_KEYS = (
     "method", "stages", "groups", "trajectories", "engine", "objective", "status", "updates",
-    "slots",
-    "wall_time", "final_objective", "final_gap", "steady_max_delay", "steady_mean_delay",
+    "slots", "budget_slots", "budget_protocol",
+    "wall_time", "final_objective", "final_gap", "final_validation", "final_validation_bits",
+    "tokens_per_second", "steady_max_delay", "steady_mean_delay",
     "max_local_staleness", "utilization", "mean_loss_last10pct",
     "unit_utilization", "unit_steady_max_delay", "unit_steady_mean_delay",
     "stage_utilization", "stage_bubble_time", "stage_wait_time", "allreduce_time",
+    "partition", "stage_parameters", "predicted_stage_utilization",
 )
 
 
@@ -63,10 +82,15 @@ def _status(record: RunRecord) -> str:
     status = str(a.get("status") or "complete")
     if status == "stopped":
         status += f" by {a.get('stopped_by')} after {len(record.updates)} updates"
+    if status == "incomplete":        # assembled from the parts of a killed or crashed run
+        status += f" ({a.get('missing')})"
     if status == "diverged":
         status += (f" at update {a.get('diverged_update')}: {a.get('diverged_what')} = "
                    f"{a.get('diverged_value')} (stage {a.get('diverged_stage')}, microbatch "
                    f"{a.get('diverged_microbatch')})")
+    resumed = int(a.get("resumed") or 0)
+    if resumed:                       # continued from checkpoints (rpd_mpi.checkpoint)
+        status += f", resumed {resumed}x"
     return status
 
 
@@ -111,6 +135,39 @@ def _final_values(record: RunRecord) -> tuple[float | None, float | None]:
     f_star = record.attrs.get("f_star")
     gap = None if f_star is None else final - float(f_star)
     return final, gap
+
+
+def _validation(record: RunRecord) -> tuple[float | None, float | None]:
+    """(last held-out loss in nats, in bits) per character, or (None, None)."""
+    held = record.objective.validation
+    if held is None or not np.size(held):
+        return None, None
+    final = float(np.asarray(held)[-1])
+    return final, final / math.log(2.0)
+
+
+def _tokens_per_second(record: RunRecord, wall: float | None) -> float | None:
+    """Characters trained on per wall second (charlm), None when it cannot be told."""
+    obj = record.config.get("objective", {}) if isinstance(record.config, dict) else {}
+    if record.attrs.get("objective") != "charlm" or not isinstance(obj, dict):
+        return None
+    seconds = wall if record.attrs.get("engine") != "sim" else record.attrs.get("run_seconds")
+    ev, last = record.events, _stages(record) - 1
+    if not seconds or seconds <= 0 or not ev.size:
+        return None
+    forwards = int(np.count_nonzero((ev["op"] == FWD) & (ev["stage"] == last)))
+    tokens = forwards * int(obj.get("batch_size") or 0) * int(obj.get("context") or 0)
+    return tokens / float(seconds) if tokens else None
+
+
+def _budget(record: RunRecord) -> tuple[int | None, str | None]:
+    """(budget T, protocol) from the stored configuration (a ledger written before the
+    protocols were named ran `smallest`)."""
+    schedule = record.config.get("schedule", {}) if isinstance(record.config, dict) else {}
+    budget = int(schedule.get("budget_slots") or 0)
+    if not budget:
+        return None, None
+    return budget, str(schedule.get("budget_mode") or "smallest")
 
 
 def _last_loss_mean(record: RunRecord) -> float | None:
@@ -174,7 +231,11 @@ def summarize(record: RunRecord) -> dict[str, Any]:
         "status": _status(record),
         "updates": len(record.updates),
         "slots": _slots(record),
+        "budget_slots": _budget(record)[0], "budget_protocol": _budget(record)[1],
         "wall_time": wall, "final_objective": final, "final_gap": gap,
+        "final_validation": _validation(record)[0],
+        "final_validation_bits": _validation(record)[1],
+        "tokens_per_second": _tokens_per_second(record, wall),
         "steady_max_delay": steady_max, "steady_mean_delay": steady_mean,
         "max_local_staleness": int(staleness.max()) if staleness.size else None,
         "utilization": _utilization(record, stages * groups, wall),
@@ -183,6 +244,8 @@ def summarize(record: RunRecord) -> dict[str, Any]:
     }
     out["unit_steady_max_delay"], out["unit_steady_mean_delay"] = _unit_delays(record)
     out.update(_per_stage(record, stages, wall))
+    out.update({key: attrs.get(key) for key in ("partition", "stage_parameters",
+                                                "predicted_stage_utilization")})
     return {key: _plain(out[key]) for key in SUMMARY_KEYS}
 
 
@@ -190,8 +253,12 @@ _LABELS = {
     "method": "method", "stages": "stages S", "groups": "groups G",
     "trajectories": "trajectories R", "engine": "engine", "objective": "objective",
     "status": "status",
-    "updates": "block updates K", "slots": "timeline slots T", "wall_time": "wall time",
+    "updates": "block updates K", "slots": "timeline slots T",
+    "budget_slots": "slot budget", "budget_protocol": "budget protocol", "wall_time": "wall time",
     "final_objective": "final objective", "final_gap": "final gap f - f*",
+    "final_validation": "final validation loss (nats/char)",
+    "final_validation_bits": "final validation (bits/char)",
+    "tokens_per_second": "tokens per second",
     "steady_max_delay": "steady max delay", "steady_mean_delay": "steady mean delay",
     "max_local_staleness": "max local staleness", "utilization": "utilization",
     "mean_loss_last10pct": "mean loss (last 10%)", "unit_utilization": "unit-time utilization",
@@ -199,6 +266,8 @@ _LABELS = {
     "unit_steady_mean_delay": "unit-time steady mean delay",
     "stage_utilization": "utilization per stage", "stage_bubble_time": "bubble s per stage",
     "stage_wait_time": "wait s per stage", "allreduce_time": "averaging s (all ranks)",
+    "partition": "partition (units per stage)", "stage_parameters": "parameters per stage",
+    "predicted_stage_utilization": "predicted utilization per stage",
 }
 
 
@@ -223,7 +292,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 _COMPARE = (("ledger", "ledger"), ("method", "method"), ("stages", "S"), ("updates", "K"),
             ("slots", "slots"), ("wall_time", "wall s"), ("final_objective", "final f"),
-            ("final_gap", "f - f*"), ("steady_mean_delay", "mean delay"),
+            ("final_gap", "f - f*"), ("final_validation", "val f"),
+            ("tokens_per_second", "tok/s"), ("steady_mean_delay", "mean delay"),
             ("steady_max_delay", "max delay"), ("utilization", "util"))
 
 

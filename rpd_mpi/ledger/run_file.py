@@ -15,6 +15,8 @@ Run file (`run.h5`, schema version 2; version 1 files are still read)::
     /updates/delays         K x S int64, delays[k, s'] = k - j_k^(s')
     /events                 compound, EVENT_DTYPE, one row per executed op
     /objective/{time,k,value}   float64, int64, float64
+    /objective/validation, validation_bits   float64 (char LM with a validation split: the
+                            held-out loss at the same points, nats and bits per character)
     /final_blocks/block_000 ... one dataset per stage (shapes and dtypes as the engine gave)
     /timeline/kind          T x S int8 op codes (only when the run had a unit-time timeline)
     /timeline/mb            T x S int64 microbatch ids (idle cells as the engine filled them)
@@ -215,6 +217,13 @@ def _write_objective(group: h5py.Group, objective: Objective) -> None:
         raise LedgerError(f"objective time, k, value must be 1-D of one length, got {shapes}")
     for name, data in arrays.items():
         _create(group, name, data, compress=False)
+    if objective.validation is not None:        # char LM with a validation split
+        held = _cast(objective.validation, np.dtype("f8"), "objective.validation")
+        if held.shape != arrays["value"].shape:
+            raise LedgerError(f"objective.validation has shape {held.shape}; expected "
+                              f"{arrays['value'].shape}, one value per objective point")
+        _create(group, "validation", held, compress=False)
+        _create(group, "validation_bits", held / np.log(2.0), compress=False)
 
 
 def _write_blocks(group: h5py.Group, blocks: Sequence[np.ndarray]) -> None:
@@ -366,7 +375,8 @@ def read_run(path: str | os.PathLike[str]) -> RunRecord:
             record = RunRecord(
                 attrs=_read_attrs(f), config=_read_config(f),
                 updates=_read_updates(f["updates"]), events=_read_events(f),
-                objective=Objective(**{n: f["objective"][n][()] for n in _OBJECTIVE_DTYPES}),
+                objective=Objective(**{n: f["objective"][n][()] for n in _OBJECTIVE_DTYPES},
+                                    validation=_optional(f, "objective/validation")),
                 final_blocks=_read_blocks(f["final_blocks"]),
                 timeline_kind=_optional(f, "timeline/kind"),
                 timeline_mb=_optional(f, "timeline/mb"),

@@ -83,11 +83,20 @@ DATASETS: dict[str, Entry] = {
                          ("objective_point",)),
     "objective/value": Entry("full objective f(w) (LocalSGD: at the average of the copies)",
                              "{loss}", ("objective_point",)),
+    "objective/validation": Entry("held-out loss: mean next-character cross-entropy on the "
+                                  "validation windows (the last --val-fraction of the text), "
+                                  "at the same weights as value", "nats per character",
+                                  ("objective_point",)),
+    "objective/validation_bits": Entry("the same held-out loss in bits (validation / ln 2)",
+                                       "bits per character", ("objective_point",)),
     "timeline/kind": Entry("op code per slot and stage of the unit-time schedule (see "
                            "`op_codes`)", "1", ("slot", "stage")),
     "timeline/mb": Entry("microbatch per slot and stage of the unit-time schedule (idle "
                          "cells as the engine filled them)", "1", ("slot", "stage")),
 }
+
+#: Datasets only some runs write: the held-out loss of a char LM with a validation split.
+OPTIONAL_DATASETS = ("objective/validation", "objective/validation_bits")
 
 #: The fields of /events (EVENT_DTYPE): description and unit.
 EVENT_FIELDS: dict[str, tuple[str, str]] = {

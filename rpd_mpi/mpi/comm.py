@@ -46,6 +46,8 @@ STOP_TAG = 17
 STOP_DIVERGED = 1             # a rank saw a non-finite loss or gradient
 STOP_SIGNAL = 2               # a rank received SIGTERM, SIGINT or SIGUSR1 (rpd_mpi.signals)
 STOP_WRITE = 3                # a rank could not write its part file (the largest code wins)
+CUT_PERIODIC = 1              # cut flag: --checkpoint-every passed (rank 0's clock)
+CUT_FINAL = 2                 # cut flag: a stop signal with checkpoints on: checkpoint, stop
 
 
 class StopFlag:
@@ -54,9 +56,10 @@ class StopFlag:
     a microsecond) and remembers its code. `settle` is collective: every rank receives every
     announcement made, so no message is left pending at the end."""
 
-    def __init__(self, world: MPI.Comm) -> None:
+    def __init__(self, world: MPI.Comm, on_signal: int = STOP_SIGNAL) -> None:
         self.comm: MPI.Comm = world.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.on_signal = on_signal          # announced when this rank gets a stop signal
         self.code = 0                       # 0: no stop seen; else the first code seen
         self.sent: list[MPI.Request] = []
         self.received = 0
@@ -75,8 +78,8 @@ class StopFlag:
     def raised(self) -> bool:
         """Has any rank announced a stop (this one included)? A stop signal this rank
         received is announced here."""
-        if not self.sent and not self.code and signals.received():
-            self.announce(STOP_SIGNAL)
+        if self.on_signal and not self.sent and not self.code and signals.received():
+            self.announce(self.on_signal)
         while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=STOP_TAG):
             self.comm.Recv(self._buf, source=MPI.ANY_SOURCE, tag=STOP_TAG)
             self.received += 1
@@ -87,10 +90,16 @@ class StopFlag:
         """Collective, at the end: receive every announcement, complete every send; returns
         the stop code (0: nobody stopped). Bounded by the waiter's timeout."""
         watched, waiter.stop = waiter.stop, None       # the waits below must not raise Stopped
+        hook, waiter.on_cut = waiter.on_cut, None
+        on_signal, self.on_signal = self.on_signal, 0  # nor announce: the count is taken
         try:
             return self._settle(waiter)
         finally:
-            waiter.stop = watched
+            waiter.stop, waiter.on_cut, self.on_signal = watched, hook, on_signal
+
+    def reset(self) -> None:
+        """After `settle`: ready for the next announcement (the cut flag, once per cut)."""
+        self.code = 0
 
     def _settle(self, waiter: "Waiter") -> int:
         mine = np.array([1 if self.sent else 0], dtype=np.int64)
@@ -137,12 +146,29 @@ class Comm:
         self.stage_comm: MPI.Comm = MPI.COMM_NULL
         self.waiter = Waiter("polite", self.AGREE_TIMEOUT)
         self.stop = StopFlag(self.world)
+        self.cut = StopFlag(self.world, on_signal=0)   # checkpoint cuts (rpd_mpi.mpi.cut)
+
+    def signals_cut(self) -> None:
+        """Checkpoints are on: a stop signal asks for a final cut instead of a stop."""
+        self.stop.on_signal, self.cut.on_signal = 0, CUT_FINAL
+
+    def cut_collective(self, send: np.ndarray, kind: str) -> tuple[MPI.Request, np.ndarray]:
+        """A nonblocking collective of a cut on the cut flag's communicator: "max"
+        (elementwise Iallreduce), "gather" (Iallgather: one row per rank) or "barrier"."""
+        c = self.cut.comm
+        if kind == "max":
+            out = np.zeros_like(send)
+            return c.Iallreduce(send, out, op=MPI.MAX), out
+        if kind == "gather":
+            out = np.zeros((self.size, send.size), dtype=send.dtype)
+            return c.Iallgather(send, out), out
+        return c.Ibarrier(), send
 
     def set_waiter(self, waiter: "Waiter") -> None:
         """Use `waiter` (the run's strategy and --timeout) for every wait from now on; it
         also watches the stop flag."""
         self.waiter = waiter
-        waiter.stop = self.stop
+        waiter.stop, waiter.cut = self.stop, self.cut
 
     def split(self, stages: int) -> None:
         """Pipeline communicators per group (rank = stage; one for activations, one for
@@ -213,7 +239,7 @@ class Comm:
     def allreduce_mean(self, buf: np.ndarray, count: int) -> None:
         """In place: buf <- (sum over the stage communicator of buf) / count (bounded)."""
         self.waiter.collective(self.stage_comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
-                               "the LocalSGD allreduce of this stage")
+                               "the LocalSGD allreduce of this stage", cut=True)
         buf /= count
 
     def abort(self, code: int = 1) -> None:
@@ -221,6 +247,7 @@ class Comm:
 
     def free(self) -> None:
         self.stop.free()
+        self.cut.free()
         for c in (self.act_comm, self.grad_comm, self.pipe, self.stage_comm, self.world):
             if c != MPI.COMM_NULL:
                 c.Free()
@@ -271,20 +298,24 @@ class Waiter:
         self.polite, self.timeout = strategy == "polite", timeout
         self.blocked = 0.0            # total seconds spent waiting
         self.stop: StopFlag | None = None     # a stop announced by any rank ends the wait
+        self.cut: StopFlag | None = None      # a cut requested by any rank calls on_cut
+        self.on_cut: Callable[[], None] | None = None   # may raise to leave the wait
 
     def wait(self, reqs: Sequence[MPI.Request], what: Callable[[], str]) -> int:
         """Block until one of `reqs` completes; return its index. RecvTimeout past timeout."""
         return self.until([r.Test for r in reqs], what)
 
-    def collective(self, req: MPI.Request, what: str) -> None:
+    def collective(self, req: MPI.Request, what: str, cut: bool = False) -> None:
         """Complete a nonblocking collective; RecvTimeout past the timeout (a stop does not
-        interrupt it: collectives are where the stopped ranks meet)."""
+        interrupt it: collectives are where the stopped ranks meet). `cut`: a checkpoint
+        cut requested meanwhile is joined (the LocalSGD allreduce inside an op)."""
         stop, self.stop = self.stop, None
+        hook, self.on_cut = self.on_cut, (self.on_cut if cut else None)
         try:
             self.until([req.Test], lambda: f"{what} (a rank is stalled, crashed or still "
                                            f"starting; --timeout {self.timeout:g})")
         finally:
-            self.stop = stop
+            self.stop, self.on_cut = stop, hook
 
     def until(self, probes: Sequence[Callable[[], bool]], what: Callable[[], str]) -> int:
         """Block until one probe returns True; return its index. RecvTimeout past timeout;
@@ -304,6 +335,12 @@ class Waiter:
                 if self.stop is not None and self.stop.raised():
                     self.blocked += MPI.Wtime() - t0
                     raise Stopped(f"stopped while waiting for {what()}")
+                if self.on_cut is not None and self.cut is not None and self.cut.raised():
+                    try:
+                        self.on_cut()
+                    except BaseException:
+                        self.blocked += MPI.Wtime() - t0
+                        raise
                 if MPI.Wtime() - t0 > self.timeout:
                     raise RecvTimeout(f"waited {self.timeout:g} s for {what()}")
 
@@ -479,14 +516,16 @@ class StageLinks:
 def stage_links(comm: Comm, stage: int, stages: int, shape: tuple[int, ...],
                 activations: int, gradients: int, waiter: Waiter,
                 recv: Callable[..., InLink] = RecvLink,
-                send: Callable[..., OutLink] = SendLink) -> StageLinks:
+                send: Callable[..., OutLink] = SendLink, dtype: Any = np.float64) -> StageLinks:
     """Links of `stage`: `activations` / `gradients` messages arrive from the stages before /
-    after it; `recv` / `send` make the links (device links on a GPU)."""
+    after it; `recv` / `send` make the links (device links on a GPU); buffers of `dtype`."""
     first, last = stage == 0, stage == stages - 1
     return StageLinks(
         act_in=None if first else recv(comm.act_comm, stage - 1, shape, activations, waiter,
-                                       "activation"),
+                                       "activation", dtype=dtype),
         grad_in=None if last else recv(comm.grad_comm, stage + 1, shape, gradients, waiter,
-                                       "gradient"),
-        act_out=None if last else send(comm.act_comm, stage + 1, shape, waiter, "activation"),
-        grad_out=None if first else send(comm.grad_comm, stage - 1, shape, waiter, "gradient"))
+                                       "gradient", dtype=dtype),
+        act_out=None if last else send(comm.act_comm, stage + 1, shape, waiter, "activation",
+                                       dtype=dtype),
+        grad_out=None if first else send(comm.grad_comm, stage - 1, shape, waiter, "gradient",
+                                         dtype=dtype))

@@ -79,6 +79,7 @@ class Cutter:
         self.comm, self.waiter, self.links, self.writer = comm, waiter, links, writer
         self.held, self.taken, self.copy = held, taken, copy
         self.contributed: tuple[Any, np.ndarray] | None = None
+        self.started = 0.0                 # perf_counter() when this cut's agreement began
         self.active = False                # inside a cut: waits do not start another
         self.ended = False                 # the round at END is over: no more cuts
         self.position: Callable[[bool], int] = lambda begun: 0
@@ -114,7 +115,7 @@ class Cutter:
     def agree(self) -> tuple[int, int]:
         """Step 1: (T, code) once every rank contributed (taking arrivals meanwhile)."""
         assert self.contributed is not None
-        self.active = True
+        self.active, self.started = True, time.perf_counter()
         req, out = self.contributed
         self._wait(req, "the agreement on a checkpoint cut")
         return int(out[0]), int(out[1])
@@ -147,6 +148,7 @@ class Cutter:
         req, _ = comm.cut_collective(np.zeros(1), "barrier")
         self._wait(req, "rank 0 to commit the checkpoint")
         self.settle()
+        self.writer.seconds.append(time.perf_counter() - self.started)
 
     def settle(self) -> None:
         """Every announcement of the cut received; ready for the next one."""

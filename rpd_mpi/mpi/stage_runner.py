@@ -91,7 +91,8 @@ class StageRunner(CutRunner):
         acts = int((fslot[:, s] >= 0).sum()) - self.taken["act"]
         grads = int((bslot[:, s] >= 0).sum()) - self.taken["grad"]
         self.links = stage_links(self.comm, s, self.S, self.model.activation_shape(s),
-                                 acts, grads, self.waiter, **kinds)
+                                 acts, grads, self.waiter, **kinds,
+                                 dtype=getattr(self.model, "dtype", np.float64))
         # with a slot budget, send only what the peer will consume before the budget ends
         self.next_fwd = fslot[:, s + 1] >= 0 if s < self.S - 1 else None
         self.prev_bwd = bslot[:, s - 1] >= 0 if s > 0 else None
@@ -198,7 +199,6 @@ class StageRunner(CutRunner):
             if self.fault[0] == "raise":
                 raise RuntimeError(f"injected fault at op {self.ops_done}")
             time.sleep(1e9)          # injected stall: the others must time out
-        self.ops_done += 1
 
     def run_static(self, program: np.ndarray) -> RunnerResult:
         """The stage's ops in timeline order (the simulator's math exactly), from `pc` on
@@ -212,6 +212,7 @@ class StageRunner(CutRunner):
             self._inject()
             self.handlers[ops[self.pc]](mbs[self.pc])
             self.pc += 1
+            self.ops_done += 1           # after the op: a cut that interrupted it reruns it
 
         def body() -> None:
             while self.pc < len(ops):
@@ -298,6 +299,7 @@ class StageRunner(CutRunner):
                 return
             self._inject()
             self.handlers[op](nf if op == FWD else nb)
+            self.ops_done += 1
             self.nf, self.nb = (nf + 1, nb) if op == FWD else (nf, nb + 1)
             self.has_b, self.turn_b = next_turn(op, self.has_b, self.turn_b)
 

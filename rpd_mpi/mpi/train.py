@@ -21,12 +21,14 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from rpd_mpi import signals
+from rpd_mpi import checkpoint, signals
 from rpd_mpi.build import RPDSetup, build, rpd_setup, schedule_of
+from rpd_mpi.checkpoint import Checkpoint, Writer
 from rpd_mpi.config import ConfigError, RunConfig
+from rpd_mpi.ledger import LedgerError
 from rpd_mpi.ledger.parts import RankPart, part_path
 from rpd_mpi.ledger.run_file import WRITE_ERRORS, io_reason
 from rpd_mpi.mpi import backend as backendlib
@@ -34,7 +36,7 @@ from rpd_mpi.mpi import comm as commlib
 from rpd_mpi.mpi import comm_gpu
 from rpd_mpi.mpi.assemble import RankMeta, assemble
 from rpd_mpi.mpi.comm import STOP_DIVERGED, STOP_SIGNAL, STOP_WRITE
-from rpd_mpi.mpi.recorder import snapshot_dtype
+from rpd_mpi.mpi.recorder import part_notes, salvage, snapshot_dtype
 from rpd_mpi.mpi.rpd_runner import RPDRunner
 from rpd_mpi.mpi.runner import RunnerResult, drain_after_stop, warm_up
 from rpd_mpi.mpi.stage_runner import StageRunner
@@ -58,6 +60,9 @@ class Prepared:
     rpd: RPDSetup | None       # RPD: the plan every rank draws identically
     run_id: str
     lock: OutLock | None       # rank 0: the lock on --out, held to the end
+    resume: Checkpoint | None = None      # --resume: the checkpoint this run continues
+    writer: Writer | None = None          # checkpoints on (or resuming): this run's writer
+    state: dict[str, Any] | None = None   # --resume: this rank's state at the cut
 
     def release(self) -> None:
         if self.lock is not None:
@@ -136,7 +141,18 @@ def _prepare(cfg: RunConfig, comm: commlib.Comm, run_id: str, config_file: str,
     """Model, timeline and (RPD) the plan: everything that can fail on bad input. Every rank
     checks the output policy; rank 0 takes the lock on --out."""
     check_world(cfg, comm.size)
-    check_out(cfg.out, inputs_of(cfg, config_file), cfg.force,
+    if (cfg.checkpoint_every or cfg.resume) and cfg.runtime.device != "cpu":
+        raise ConfigError("--checkpoint-every", "checkpoints and --resume run on --device "
+                                                "cpu only (device links are not drained to "
+                                                "a cut)")
+    ck = checkpoint.find(cfg)                  # --resume: the newest complete checkpoint
+    if ck is not None:
+        run_id = ck.run_id
+        if int(ck.manifest["ranks"]) != comm.size:
+            raise ConfigError("--resume", f"{ck.path} holds {ck.manifest['ranks']} ranks; "
+                                          f"this job has {comm.size}")
+    own = ck is not None and checkpoint.out_is_own(cfg.out, run_id)
+    check_out(cfg.out, inputs_of(cfg, config_file), cfg.force or own,
               probe=f".{os.path.basename(cfg.out)}.probe-{run_id}-{comm.rank}")
     lock = OutLock(cfg.out, run_id) if comm.rank == 0 else None
     if lock is not None:
@@ -148,7 +164,7 @@ def _prepare(cfg: RunConfig, comm: commlib.Comm, run_id: str, config_file: str,
         if lock is not None:
             lock.release()
         raise
-    return Prepared(model, tl, rpd, run_id, lock)
+    return Prepared(model, tl, rpd, run_id, lock, ck, checkpoint.writer_for(cfg, run_id, ck))
 
 
 def train(make_config: Callable[[], RunConfig],
@@ -169,6 +185,8 @@ def train(make_config: Callable[[], RunConfig],
     if not _agree(comm, error, prep):
         return EXIT_BAD_INPUT
     assert prep is not None
+    if prep.resume is not None and comm.rank == 0:
+        print(f"rpd-mpi: resumed run {prep.run_id} from {prep.resume.path}", file=sys.stderr)
     device = None
     if cfg.runtime.device != "cpu":        # every rank has the same valid configuration
         try:
@@ -211,8 +229,12 @@ def _write(cfg: RunConfig, comm: commlib.Comm, prep: Prepared, record: RunRecord
         return EXIT_WRITE
     finally:
         prep.release()
-    for r in range(comm.size):
-        os.remove(part_path(cfg.out, r, prep.run_id))
+    resumable = prep.writer is not None and prep.writer.step and code != EXIT_OK
+    if not resumable:            # a checkpoint to resume needs the parts it points into
+        for r in range(comm.size):
+            os.remove(part_path(cfg.out, r, prep.run_id))
+    if prep.writer is not None and code == EXIT_OK:
+        prep.writer.remove()     # complete: its checkpoints are no longer needed
     show(record)
     if code == EXIT_STOPPED:
         print(f"rpd-mpi: {stopped_line(record)}", file=sys.stderr)
@@ -251,20 +273,30 @@ def _run(cfg: RunConfig, comm: commlib.Comm, prep: Prepared, device: Device | No
     warm_up(prep.model, comm.stage, comm.group)    # JIT compiles before any timed wait
     offset = comm.clock_offset()                   # (start-up waits: Comm.AGREE_TIMEOUT)
     t0 = comm.start_time() - offset                # rank 0's t = 0, read on this rank's clock
+    if prep.resume is not None:                    # times go on from the checkpoint's cut
+        t0 -= float(prep.resume.manifest["position"].get("elapsed", 0.0))
+    if prep.writer is not None and cfg.checkpoint_every:
+        comm.signals_cut()                         # a stop signal: checkpoint, then stop
+    part.note(clock_offset=offset)
     comm.set_waiter(waiter)                        # from here on every wait: --timeout
     with signals.catching():                       # SIGTERM & co. stop the job, not kill it
-        result = _execute(cfg, prep, comm, part, waiter, t0, device)
+        try:
+            result = _execute(cfg, prep, comm, part, waiter, t0, device)
+        except BaseException as err:         # its rows reach the part before the abort
+            salvage(part, err)
+            raise
         stop = comm.stop.settle(waiter)
         signum = signals.received()
     quiet = drain_after_stop(comm, result.links, waiter) if stop else True
-    write_error = _close(part, complete=not stop, flush=not result.write_error) \
-        or result.write_error
     mine = RankMeta(host=commlib.processor_name() or socket.gethostname(),
                     blocked=waiter.blocked, strategy="polite" if waiter.polite else "spin",
                     clock_offset=offset, losses=result.losses,
                     device=device.info if device is not None else None,
-                    divergence=result.divergence, write_error=write_error,
+                    divergence=result.divergence, write_error=result.write_error,
                     signal=signals.name(signum))
+    write_error = _close(part, complete=not stop, flush=not result.write_error,
+                         notes=mine.notes()) or result.write_error
+    mine = replace(mine, write_error=write_error)
     meta = comm.gather(mine)
     comm.barrier()          # every part is closed
     if comm.rank != 0 or meta is None:
@@ -275,8 +307,15 @@ def _run(cfg: RunConfig, comm: commlib.Comm, prep: Prepared, device: Device | No
               f"files of run {prep.run_id} are incomplete)", file=sys.stderr)
         prep.release()
         return Outcome(None, STOP_WRITE, quiet)
-    return Outcome(assemble(cfg, prep.model, prep.timeline, prep.rpd, comm.size, meta,
-                            prep.run_id, stopped=bool(stop)), stop, quiet)
+    record = assemble(cfg, prep.model, prep.timeline, prep.rpd, comm.size, meta,
+                      prep.run_id, stopped=bool(stop))
+    if prep.writer is not None:
+        cause = str(record.attrs.get("stopped_by") or record.attrs.get("status"))
+        record.attrs.update(checkpoint.ledger_attrs(prep.writer, cause, len(record.updates)))
+        if prep.writer.step:
+            record.attrs["checkpoint"] = os.path.join(prep.writer.root,
+                                                      f"step-{prep.writer.step:06d}")
+    return Outcome(record, stop, quiet)
 
 
 def _open_part(cfg: RunConfig, comm: commlib.Comm, prep: Prepared
@@ -284,14 +323,28 @@ def _open_part(cfg: RunConfig, comm: commlib.Comm, prep: Prepared
     sl = prep.model.slices[comm.stage]
     path = part_path(cfg.out, comm.rank, prep.run_id)
     try:
-        return RankPart(path, comm.rank, snapshot_dtype=snapshot_dtype(sl.stop - sl.start)), None
-    except OSError as err:
-        return None, ConfigError("--out", f"cannot create {path}: {io_reason(err)}")
+        if prep.resume is not None:            # the rows up to the cut, appended to
+            state = prep.resume.load(comm.rank)
+            prep.state = state
+            return RankPart.reopen(path, comm.rank, state["part"],
+                                   snapshot_dtype=snapshot_dtype(sl.stop - sl.start)), None
+        notes = part_notes(cfg, comm, prep.model, prep.timeline, prep.run_id,
+                           prep.rpd.plan.stage if prep.rpd is not None else None)
+        return RankPart(path, comm.rank, snapshot_dtype=snapshot_dtype(sl.stop - sl.start),
+                        attrs=notes), None
+    except (OSError, LedgerError, KeyError) as err:
+        what = "resume from" if prep.resume is not None else "create"
+        return None, ConfigError("--out", f"cannot {what} {path}: {io_reason(err)}"
+                                 if isinstance(err, OSError) else f"cannot {what} {path}: {err}")
 
 
-def _close(part: RankPart, complete: bool, flush: bool = True) -> str:
-    """Close the part (marked complete unless the job stopped); the write error, if any."""
+def _close(part: RankPart, complete: bool, flush: bool = True,
+           notes: dict[str, Any] | None = None) -> str:
+    """Close the part (marked complete unless the job stopped) with what the rank reports
+    noted in it (`RankMeta.notes`); the write error, if any."""
     try:
+        if flush and notes:
+            part.note(**notes)
         part.close(complete=complete, flush=flush)
     except WRITE_ERRORS as err:
         return f"writing {part.path}: {io_reason(err)}"
@@ -302,11 +355,16 @@ def _execute(cfg: RunConfig, prep: Prepared, comm: commlib.Comm, part: RankPart,
              waiter: commlib.Waiter, t0: float, device: Device | None = None) -> RunnerResult:
     """Run this rank's share (it ends early, without draining, when the job stops)."""
     if prep.rpd is not None:
-        rpd = RPDRunner(cfg, prep.model, comm, prep.rpd.plan, prep.rpd.delta, part, waiter, t0)
+        rpd = RPDRunner(cfg, prep.model, comm, prep.rpd.plan, prep.rpd.delta, part, waiter, t0,
+                        writer=prep.writer, resume=prep.state)
+        if comm.stage == comm.stages - 1:
+            # so the part holds them as they come (resumed: from the checkpoint's cut on)
+            rpd.rec.track_losses(rpd.losses, first=rpd.rec.losses_done)
         return rpd.run()
     runner = StageRunner(cfg, prep.model, comm, prep.timeline, part, waiter, t0,
                          backend=device.backend if device else backendlib.CPU,
-                         links=device.links if device else None)
+                         links=device.links if device else None, writer=prep.writer,
+                         resume=prep.state)
     if cfg.runtime.order == "static":
         return runner.run_static(stage_program(prep.timeline, comm.stage))
     return runner.run_dynamic()

@@ -5,10 +5,14 @@ grammar: short sentences over a fixed word list, easy for a small model to learn
 vocabulary (sorted unique characters of the text, or one supplied, e.g. from a ledger), and
 `TextData`, which cuts batches of random windows out of the encoded corpus.
 
-Batch i holds `batch_size` windows of `context + 1` characters whose start offsets are drawn
-from `np.random.default_rng([seed, 7, i])`: every process (simulator, each MPI rank) sees the
-same windows for the same batch id, so batches are generated, not stored. The evaluation set
-is a fixed list of evenly spaced windows. Pure numpy; no file I/O (the caller reads the file).
+Train/validation split: the last `val_fraction` of the text (10 % by default, `--val-fraction`)
+is held out. Training batches and the training objective's windows come only from the first
+part; the validation set is `val_windows` evenly spaced windows of the held-out part (no
+window crosses the boundary). Batch i holds `batch_size` windows of `context + 1` characters
+whose start offsets are drawn from `np.random.default_rng([seed, 7, i])`: every process
+(simulator, each MPI rank) sees the same windows for the same batch id, so batches are
+generated, not stored. The evaluation set is a fixed list of evenly spaced windows. Pure
+numpy; no file I/O (the caller reads the file).
 """
 
 from __future__ import annotations
@@ -88,29 +92,59 @@ def encode(text: str, vocab: list[str]) -> np.ndarray:
     return np.fromiter((index[ch] for ch in text), dtype=np.int64, count=len(text))
 
 
+#: The held-out fraction of the text by default (`--val-fraction`) and the validation windows.
+DEFAULT_VAL_FRACTION = 0.1
+VAL_WINDOWS = 32
+
+
+def split_point(n: int, val_fraction: float) -> int:
+    """Characters of an n-character text that train: the last round(n * val_fraction) are
+    held out. ValueError for a fraction outside [0, 1)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"the validation fraction must be in [0, 1), got {val_fraction}")
+    return n - int(round(n * val_fraction))
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
 
 
 class TextData:
-    """Random windows of an encoded corpus: batch i -> (inputs, targets), each (b, context)."""
+    """Random windows of an encoded corpus: batch i -> (inputs, targets), each (b, context).
+    `ids` are the training characters, `val_ids` the held-out ones (None: no validation)."""
 
     def __init__(self, ids: np.ndarray, vocab: list[str], *, context: int, batch_size: int,
-                 seed: int, eval_windows: int = 8) -> None:
+                 seed: int, eval_windows: int = 8, val_ids: np.ndarray | None = None,
+                 val_windows: int = VAL_WINDOWS) -> None:
         if ids.size < context + 2:
-            raise ValueError(f"the text has {ids.size} characters; context {context} needs "
-                             f"at least {context + 2}")
+            raise ValueError(f"the training text has {ids.size} characters; context {context} "
+                             f"needs at least {context + 2}")
         self.ids = _readonly(np.ascontiguousarray(ids, dtype=np.int64))
         self.vocab = list(vocab)
         self.context, self.batch_size, self.seed = context, batch_size, seed
         self.windows = ids.size - context          # number of distinct window starts
         self._offsets = np.arange(context + 1)
         starts = np.linspace(0, self.windows - 1, eval_windows).round().astype(np.int64)
-        self.eval_set = self._cut(starts)
+        self.eval_set = self._cut(self.ids, starts)
+        self.val_set: tuple[np.ndarray, np.ndarray] | None = None
+        self.val_chars = 0 if val_ids is None else int(val_ids.size)
+        if val_ids is not None and val_ids.size:
+            self.val_set = self._validation(np.ascontiguousarray(val_ids, np.int64),
+                                            val_windows)
 
-    def _cut(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        win = self.ids[starts[:, None] + self._offsets]
+    def _validation(self, val: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """`count` evenly spaced windows of the held-out ids (overlapping only when the
+        held-out part is shorter than count windows)."""
+        if val.size < self.context + 1:
+            raise ValueError(f"the validation split has {val.size} characters; context "
+                             f"{self.context} needs at least {self.context + 1}")
+        last = val.size - self.context - 1
+        starts = np.linspace(0, last, min(count, last + 1)).round().astype(np.int64)
+        return self._cut(_readonly(val), starts)
+
+    def _cut(self, ids: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        win = ids[starts[:, None] + self._offsets]
         return _readonly(win[:, :-1]), _readonly(win[:, 1:])
 
     def starts(self, batch: int) -> np.ndarray:
@@ -121,7 +155,7 @@ class TextData:
     def batch(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, targets) of batch `batch`: ids of shape (batch_size, context), read-only;
         targets are the inputs shifted by one character."""
-        return self._cut(self.starts(batch))
+        return self._cut(self.ids, self.starts(batch))
 
     @property
     def vocab_size(self) -> int:
@@ -129,9 +163,13 @@ class TextData:
 
 
 def text_data(text: str | None, vocab: list[str] | None, *, context: int, batch_size: int,
-              seed: int, eval_windows: int = 8) -> TextData:
-    """TextData of `text` (None: the generated corpus) over `vocab` (None: from the text)."""
+              seed: int, eval_windows: int = 8,
+              val_fraction: float = DEFAULT_VAL_FRACTION) -> TextData:
+    """TextData of `text` (None: the generated corpus) over `vocab` (None: from the whole
+    text, both splits), its last `val_fraction` held out for validation (0: none)."""
     text = generate_corpus() if text is None else text
     vocab = build_vocab(text) if vocab is None else list(vocab)
-    return TextData(encode(text, vocab), vocab, context=context, batch_size=batch_size,
-                    seed=seed, eval_windows=eval_windows)
+    ids = encode(text, vocab)
+    cut = split_point(ids.size, val_fraction)
+    return TextData(ids[:cut], vocab, context=context, batch_size=batch_size, seed=seed,
+                    eval_windows=eval_windows, val_ids=ids[cut:] if cut < ids.size else None)

@@ -11,34 +11,44 @@ The references of GELU use tanh; the kernels the equal sigmoid form u sigmoid(2 
 Shapes: rows are flattened leading axes. LayerNorm x (n, c); GELU any contiguous array seen
 as 1-D; cross-entropy logits (n, v) with int targets (n,); causal softmax scores (m, t, t);
 embedding scatter ids (n,) and rows g (n, c). cupy is imported only when a cupy array
-arrives (`array_module`); importing this module compiles nothing until a kernel is called
-(or loads it from numba's cache). Without numba installed (a GPU machine may have only cupy)
-the kernels stay plain Python functions and `kernel` always picks the references.
+arrives (`array_module`); importing this module imports numba and compiles nothing until a
+kernel is called (then it compiles, or loads from numba's cache). Without numba installed (a
+GPU machine may have only cupy) the kernels stay plain Python functions and `kernel` always
+picks the references.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
 
-numba: ModuleType | None    # the module, or None where numba is not installed
-try:
-    import numba
-except ImportError:       # no numba: `kernel` picks the references
-    numba = None
-
-HAVE_NUMBA = numba is not None
+#: numba is installed (looked up without importing it: numba is imported, and each kernel
+#: compiled or loaded from the cache, at the kernel's first call; docs/DESIGN.md 8).
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 
 def _njit(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """numba.njit(**options), or leave the function as it is when numba is missing."""
-    if numba is None:
+    """numba.njit(**options) applied at the first call, or leave the function as it is when
+    numba is missing."""
+    if not HAVE_NUMBA:
         return lambda fn: fn
-    jit: Callable[[Callable[..., Any]], Callable[..., Any]] = numba.njit(**options)
-    return jit
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        compiled: list[Callable[..., Any]] = []
+
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            if not compiled:
+                import numba
+                compiled.append(numba.njit(**options)(fn))
+            return compiled[0](*args)
+        return call
+    return wrap
 
 
 GELU_K = math.sqrt(2.0 / math.pi)

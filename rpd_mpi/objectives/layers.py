@@ -2,8 +2,10 @@
 
 Owns the math of the character language model: token + position embedding, LayerNorm,
 affine maps, causal multi-head self-attention, the GELU MLP, the pre-LN transformer block,
-the final LayerNorm + LM head and softmax cross-entropy. Every `*_forward` has a
-`*_backward` derived by hand (checked against finite differences in tests/test_charlm.py).
+the final LayerNorm + LM head and softmax cross-entropy, and `units_forward` /
+`units_backward`, which run a sequence of those units (a partitioned stage, or the whole
+model). Every `*_forward` has a `*_backward` derived by hand (checked against finite
+differences in tests/test_charlm.py).
 
 Arrays are numpy or cupy; the module of the inputs decides (`array_module`). On numpy the
 fused numba kernels of `rpd_mpi.objectives.kernels_lm` run where they are faster, their references
@@ -16,7 +18,7 @@ between a forward and its backward.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from rpd_mpi.objectives.kernels_lm import array_module, kernel
 
@@ -199,3 +201,41 @@ def cross_entropy(logits: Array, targets: Array) -> tuple[float, Array]:
     xp = array_module(logits)
     loss, g = kernel("softmax_xent", xp)(_rows(logits), targets.reshape(-1))
     return float(loss), g.reshape(logits.shape)
+
+
+# ----- units in sequence (a charlm stage, or the whole model) -----------------------------
+
+def units_forward(kinds: Sequence[str], params: Sequence[dict[str, Array]], x: Array | None,
+                  ids: Array | None, heads: int) -> tuple[Array, list[Array | None]]:
+    """Output of the units in order from input x (None before the embedding; `ids` the token
+    ids, needed only then), and each unit's input (kept for the backward)."""
+    inputs: list[Array | None] = []
+    for kind, p in zip(kinds, params):
+        inputs.append(x)
+        if kind == "embed":
+            x = embedding_forward(p["wte"], p["wpe"], ids)
+        elif kind == "block":
+            x = block_forward(x, p, heads)[0]
+        else:
+            x = head_forward(x, p)[0]
+    return x, inputs
+
+
+def units_backward(kinds: Sequence[str], params: Sequence[dict[str, Array]],
+                   grads: Sequence[dict[str, Array]], inputs: Sequence[Array | None],
+                   g: Array, ids: Array | None, heads: int, vocab: int, context: int
+                   ) -> Array | None:
+    """Backward through the units in reverse; writes each unit's parameter gradient into the
+    views `grads[u]`, returns the gradient of the first unit's input (None: the embedding)."""
+    for u in range(len(kinds) - 1, -1, -1):
+        kind, p, x = kinds[u], params[u], inputs[u]
+        if kind == "embed":
+            found = dict(zip(("wte", "wpe"), embedding_backward(ids, g, vocab, context)))
+            g = None
+        elif kind == "block":
+            g, found = block_backward(x, p, heads, g)
+        else:
+            g, found = head_backward(x, p, g)
+        for name, view in grads[u].items():
+            view[...] = found[name]
+    return g

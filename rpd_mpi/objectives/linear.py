@@ -12,9 +12,12 @@ stage module. `full_objective` reuses internal buffers, so it is not thread-safe
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from rpd_mpi.objectives.kernels import shift_prediction
+from rpd_mpi.objectives.partition import check_partition
 from rpd_mpi.objectives.problems import (LOSS_KIND, Problem, generate_problem, load_problem,
                                          smoothness)
 
@@ -40,10 +43,14 @@ def _logistic_batch(p: np.ndarray, y: np.ndarray, inv_b: float) -> tuple[float, 
 _BATCH_LOSS = {"squares": _squares_batch, "logistic": _logistic_batch}
 
 
-def block_slices(dim: int, stages: int) -> list[slice]:
-    """`stages` contiguous slices of range(dim), sizes dim // stages, remainder first."""
+def block_slices(dim: int, stages: int, counts: Sequence[int] | None = None) -> list[slice]:
+    """`stages` contiguous slices of range(dim), sizes dim // stages, remainder first, or
+    the sizes `counts` (--partition; ValueError unless `stages` of them >= 1 sum to dim)."""
     base, extra = divmod(dim, stages)
-    bounds = np.cumsum([0] + [base + (s < extra) for s in range(stages)])
+    if counts:
+        check_partition(counts, dim, stages)
+    sizes = list(counts) if counts else [base + (s < extra) for s in range(stages)]
+    bounds = np.cumsum([0] + sizes)
     return [slice(int(bounds[s]), int(bounds[s + 1])) for s in range(stages)]
 
 
@@ -103,7 +110,8 @@ class BlockLinearModel:
     dim: int        # columns of X
 
     def __init__(self, name: str, problem: Problem, *, stages: int, batch_size: int,
-                 seed: int, noise: float, lam: float) -> None:
+                 seed: int, noise: float, lam: float,
+                 partition: Sequence[int] | None = None) -> None:
         self.name = name
         self.kind = LOSS_KIND[name]
         self.X = _readonly(problem.X)
@@ -116,7 +124,8 @@ class BlockLinearModel:
         self.w_true = problem.w_true
         self.f_star = problem.f_star
         self.L = smoothness(self.X, self.kind, self.lam)
-        self.slices = block_slices(self.dim, stages)
+        self.slices = block_slices(self.dim, stages, partition)
+        self.partition = tuple(sl.stop - sl.start for sl in self.slices)
         self._cols = [np.ascontiguousarray(self.X[:, sl]) for sl in self.slices]
         self._batch_cols = [self._split_rows(cols) for cols in self._cols]
         self._batch_y = self._split_rows(self.y)
@@ -197,11 +206,13 @@ def _validate_shape(stages: int, batch_size: int, dim: int, examples: int) -> No
 
 def build_model(name: str, stages: int, *, dim: int, examples: int, batch_size: int,
                 seed: int, noise: float = 0.0, mu: float = 0.01, lam: float = 1e-4,
-                data: dict[str, np.ndarray] | None = None) -> BlockLinearModel:
+                data: dict[str, np.ndarray] | None = None,
+                partition: Sequence[int] | None = None) -> BlockLinearModel:
     """Build the named block-linear model ("quadratic", "tridiag", "logistic").
 
     With `data` ({"X", "y"[, "w_true", "f_star"]}) the shape comes from X and `dim` and
-    `examples` are ignored; otherwise the problem is generated from `seed`.
+    `examples` are ignored; otherwise the problem is generated from `seed`. `partition`:
+    the coordinates of each stage (None: as equal as possible).
     """
     _validate(name, stages, batch_size, noise, mu, lam)
     if data is None:
@@ -212,7 +223,7 @@ def build_model(name: str, stages: int, *, dim: int, examples: int, batch_size: 
         problem = load_problem(name, data, lam)
         _validate_shape(stages, batch_size, problem.X.shape[1], problem.X.shape[0])
     return BlockLinearModel(name, problem, stages=stages, batch_size=batch_size,
-                            seed=seed, noise=noise, lam=lam)
+                            seed=seed, noise=noise, lam=lam, partition=partition)
 
 
 class ObjectiveTracker:

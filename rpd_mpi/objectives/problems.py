@@ -12,6 +12,7 @@ Losses (mean over the n rows of X, prediction p = X w):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,13 +64,28 @@ def make_tridiag(dim: int, examples: int, seed: int, mu: float, lam: float) -> P
     return Problem(X, X @ w_true, w_true, 0.0)
 
 
+def logistic_labels(rng: np.random.Generator, X: np.ndarray, w_true: np.ndarray
+                    ) -> np.ndarray:
+    """y = binomial(1, sigmoid(X w_true)) drawn from `rng`, stored as float32 values (the
+    paper's code: `rng.binomial(1, 1 / (1 + exp(-X @ w_true))).astype(np.float32)`), returned
+    as float64 (0.0 and 1.0 are exact in both)."""
+    p = 1.0 / (1.0 + np.exp(-(X @ w_true)))
+    y: np.ndarray = rng.binomial(1, p).astype(np.float32).astype(np.float64)
+    return y
+
+
 def make_logistic(dim: int, examples: int, seed: int, mu: float, lam: float) -> Problem:
-    """Logistic regression: y ~ Bernoulli(sigmoid(X w_true)); f* by Newton's method."""
+    """Logistic regression as in the paper's code: from one generator seeded with `seed`,
+    X = standard normal (n x d), then w_true = standard normal (d), then the labels
+    y = binomial(1, sigmoid(X w_true)) (`logistic_labels`); f* by Newton's method.
+
+    (Before 2026-12-02 the labels were `uniform < sigmoid(X w)`: 98 % the same labels at
+    seed 0, a different f*. That draw is gone; a logistic ledger written before then is not
+    reproduced when its configuration is run again.)"""
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((examples, dim))
     w_true = rng.standard_normal(dim)
-    p = X @ w_true
-    y = (rng.random(examples) < np.exp(p - np.logaddexp(0.0, p))).astype(np.float64)
+    y = logistic_labels(rng, X, w_true)
     w_star, f_star = solve_logistic(X, y, lam)
     return Problem(X, y, w_true, f_star, w_star)
 
@@ -83,6 +99,26 @@ def generate_problem(name: str, dim: int, examples: int, seed: int,
                      mu: float, lam: float) -> Problem:
     """Generate the named problem from `seed` (see the module docstring)."""
     return _GENERATORS[name](dim, examples, seed, mu, lam)
+
+
+@functools.lru_cache(maxsize=4)
+def shared_problem(name: str, dim: int, examples: int, seed: int, mu: float, lam: float
+                   ) -> Problem:
+    """`generate_problem`, kept for the next call with the same arguments (runs that share
+    one data set: seeds of a sweep; forked workers inherit it). The arrays are shared: read
+    them, never write (`load_problem` copies them)."""
+    return generate_problem(name, dim, examples, seed, mu, lam)
+
+
+def problem_arrays(problem: Problem) -> dict[str, np.ndarray]:
+    """A generated problem as the arrays of a data file ({X, y, w_true, f_star}), so that
+    `load_problem` takes it back unchanged (f* is not solved again)."""
+    arrays = {"X": problem.X, "y": problem.y}
+    if problem.w_true is not None:
+        arrays["w_true"] = problem.w_true
+    if problem.f_star is not None:
+        arrays["f_star"] = np.array(problem.f_star)
+    return arrays
 
 
 def least_squares_value(X: np.ndarray, y: np.ndarray) -> float:

@@ -5,8 +5,10 @@ Both objective families satisfy it structurally (no inheritance): the block-line
 (`rpd_mpi.objectives.charlm.CharLM` and its embedding/block/head stages). The engines (the
 simulator, the RPD replay, the MPI stage runners) and the tools use only these members.
 
-A model owns one flat float64 weight vector of length `dim`; stage s owns the contiguous block
-`slices[s]`. The engines copy blocks, call `make_stage(s, group)` once per pipeline group and
+A model owns one flat weight vector of length `dim` (float64; the char LM's `init_weights`
+returns its `dtype`, float32 with `--dtype float32`, and its stages cast what they are given);
+stage s owns the contiguous block `slices[s]` (its `partition`, where a model has one). The
+engines copy blocks, call `make_stage(s, group)` once per pipeline group and
 stage, and drive the stage modules:
 
     a_out, cache = stage.forward(w_s, a_in, batch)   # a_in None on stage 0

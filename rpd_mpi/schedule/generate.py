@@ -1,11 +1,15 @@
 """Timeline generators and the validator (docs/DESIGN.md 2).
 
 `generate` runs a family's `Rules` slot by slot until the last backward on stage 0;
-`timeline_for` adds a slot budget; `validate` replays a timeline against the same rules and
-raises `ScheduleError` with the grid around the bad cell marked.
+`timeline_for` adds a slot budget (`smallest_reaching`: the smallest N reaching it, guessed
+from one round's slots or PD's steady-state slope and checked on two whole timelines);
+`validate` replays a timeline against the same rules and raises `ScheduleError` with the grid
+around the bad cell marked.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -75,16 +79,88 @@ def timeline_for(method: str, stages: int, microbatches: int, *, noam: int = 0,
     kw = dict(noam=noam, trajectories=trajectories, local_steps=local_steps, flush=flush)
     if budget <= 0:
         return generate(method, stages, microbatches, **kw)
-    lo, hi = 1, max(1, budget // 2)
-    while generate(method, stages, hi, **kw).slots < budget:
-        lo, hi = hi + 1, hi * 2
-    while lo < hi:   # smallest N with slots >= budget (slots grow with N)
+    return smallest_reaching(method, stages, budget, **kw).truncate(budget)
+
+
+def period(method: str, stages: int, *, noam: int = 0, trajectories: int = 1,
+           local_steps: int = 1, flush: int = 0) -> int:
+    """Microbatches after which a family's steady state repeats: a LocalSGD round, a GPipe
+    flush, a PD wave of --noam (< S) microbatches; 1 otherwise."""
+    if method == "localsgd":
+        return max(1, trajectories * local_steps)
+    if method == "gpipe":
+        return flush or stages
+    if method == "pd" and 0 < noam < stages:
+        return noam
+    return 1
+
+
+BARRIER_FAMILIES = ("localsgd", "gpipe", "naive")
+
+
+def smallest_reaching(method: str, stages: int, budget: int, *, noam: int = 0,
+                      trajectories: int = 1, local_steps: int = 1, flush: int = 0
+                      ) -> Timeline:
+    """The whole (untruncated) timeline of the smallest N whose timeline has >= `budget`
+    slots (slots grow with N), from a guess checked on whole timelines.
+
+    The guess: LocalSGD, GPipe and naive start a round (flush) only when stage 0 has
+    finished the previous one, so N = k P + r microbatches take k times the slots of one
+    round of P plus the slots of r alone: the guess comes from timelines of at most P
+    microbatches. PD grows by a fixed number of slots per `period` in steady state: two
+    small timelines give the slope. The guess N0 is then checked, and corrected if needed,
+    on whole timelines: N0 reaches the budget and N0 - 1 does not. A right guess costs two
+    whole timelines (the old bisection: ~13)."""
+    kw = dict(noam=noam, trajectories=trajectories, local_steps=local_steps, flush=flush)
+    seen: dict[int, Timeline] = {}
+
+    def slots(n: int) -> int:
+        if n not in seen:
+            seen[n] = generate(method, stages, n, **kw)
+        return seen[n].slots
+
+    P = period(method, stages, **kw)
+    if method in BARRIER_FAMILIES:
+        P = 1 if method == "naive" else P
+        rounds = -(-budget // slots(P)) - 1            # full rounds short of the budget
+        rest = budget - rounds * slots(P)              # 0 < rest <= slots of one round
+        guess = rounds * P + _smallest(lambda r: slots(r) >= rest, 1, P)
+    else:
+        n1 = P * max(2, -(-2 * stages // P))           # past the start-up transient
+        n2 = n1 + P * max(1, -(-stages // P))
+        per = max(slots(n2) - slots(n1), 1) / (n2 - n1)
+        guess = max(1, n1 + int(np.ceil((budget - slots(n1)) / per)))
+    lo, hi = _bracket(lambda n: slots(n) >= budget, guess)
+    N = _smallest(lambda n: slots(n) >= budget, lo, hi)
+    slots(N)
+    return seen[N]
+
+
+def _smallest(reaches: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The smallest n in [lo, hi] with `reaches(n)` (monotone; `reaches(hi)` holds)."""
+    while lo < hi:
         mid = (lo + hi) // 2
-        if generate(method, stages, mid, **kw).slots >= budget:
+        if reaches(mid):
             hi = mid
         else:
             lo = mid + 1
-    return generate(method, stages, lo, **kw).truncate(budget)
+    return lo
+
+
+def _bracket(reaches: Callable[[int], bool], guess: int) -> tuple[int, int]:
+    """(lo, hi) with the smallest n satisfying `reaches` in [lo, hi], searched outward from
+    `guess` (a right guess: `reaches(guess)` and not `reaches(guess - 1)`, lo == hi)."""
+    if reaches(guess):
+        if guess == 1 or not reaches(guess - 1):
+            return guess, guess
+        step, hi = 2, guess - 1
+        while hi - step >= 1 and reaches(hi - step):
+            hi, step = hi - step, step * 2
+        return max(1, hi - step + 1), hi
+    step, lo = 1, guess + 1
+    while not reaches(lo + step - 1):
+        lo, step = lo + step, step * 2
+    return lo, lo + step - 1
 
 
 def validate(tl: Timeline) -> None:

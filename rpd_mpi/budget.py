@@ -180,6 +180,8 @@ def _activations(cfg: RunConfig) -> Part:
     c, C, B = obj.width, obj.context, obj.batch_size
     per = B * C * (24 * c + 3 * obj.heads * C + 2 * VOCAB) * F8
     depth = 1 if sch.method == "rpd" else _depth(cfg)[0]
+    if sch.microbatches:                 # never more in flight than the run has
+        depth = min(depth, sch.microbatches)
     flag, value = max((("--context", 3 * obj.heads * C), ("--width", 24 * c),
                        ("--batch-size", B)), key=lambda fv: fv[1])
     shown = {"--context": C, "--width": c, "--batch-size": B}[flag]

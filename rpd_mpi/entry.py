@@ -1,8 +1,9 @@
 """The `rpd-mpi` console script (and `python -m rpd_mpi`).
 
-`train` and `simulate` run each process with one BLAS thread unless the user set the
-variables: MPI ranks share the cores, and threaded BLAS made small charlm stages 8x slower on
-a 2-core machine. The variables only act if they are set before numpy is loaded, so this
+`train`, `simulate`, `experiment` and `tool` run each process with one BLAS thread unless the
+user set the variables: MPI ranks and sweep workers share the cores, and threaded BLAS made
+small charlm stages 8x slower on a 2-core machine. The variables only act if they are set
+before numpy is loaded, so this
 module sets them first and imports the command line afterwards: the one deliberate import
 inside a function in the package (tests/test_layers.py allows exactly this one).
 
@@ -17,7 +18,7 @@ import os
 import sys
 from typing import Sequence
 
-RUN_COMMANDS = ("train", "simulate")
+RUN_COMMANDS = ("train", "simulate", "experiment", "tool")   # they run engines in processes
 BROKEN_PIPE = 141
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 

@@ -219,7 +219,7 @@ def _reference_delays(rows: np.ndarray, events: np.ndarray, stages: int) -> np.n
                            for m in u["microbatch"][idx]])
         delays[idx] = np.arange(idx.size)[:, None] - np.searchsorted(
             u["end"][idx], starts, side="right")
-    return delays
+    return np.maximum(delays, 0)     # then clamped: below 0 is clock-offset error (DESIGN 2.3)
 
 
 def _random_run(rng: np.random.Generator, G: int, R: int, N: int, S: int

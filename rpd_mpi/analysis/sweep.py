@@ -464,7 +464,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         result = sweep(cfg, lrs, args.jobs, out, name, args.keep_all, selector)
     slurm = slurm_lines(_pass_through(argv), args.lr_lo, args.lr_hi, str(out))
     write_summary(result, out, slurm)
-    print(jsonout.dumps(result.to_dict()) if args.json else summary_markdown(result) + "\n\n" + slurm)
+    print(jsonout.dumps(result.to_dict()) if args.json
+          else summary_markdown(result) + "\n\n" + slurm)
     return 0
 
 

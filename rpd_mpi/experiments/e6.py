@@ -2,7 +2,8 @@
 
 S = R = 16, about 2078 slots, LocalSGD with H in {1, 4, 8}; the paper's model has width 256
 (~11.1M parameters). On this CPU the default is a reduced width (`--quick` reduces further);
-`experiment E6 --full` runs the paper's width and context. The objective is the mean
+`run_e6(..., full=True)` is the paper's width, context and 14 blocks (no command-line flag:
+hours of CPU here). The objective is the mean
 next-character cross-entropy on the model's fixed evaluation windows (the training loss of the
 generated corpus); step sizes are swept over powers of two and each curve gets its best by
 the paper's stable rule with the looser thresholds of its LLM runs (`--thresholds llm`).
@@ -72,10 +73,12 @@ def run_e6(st: Settings, full: bool = False, data: str = "", width: int = 0) -> 
     png = plot_tuned(runs, "slots", st.out / "E6.png",
                      f"E6: char LM width {obj.width}{text}, S=R={S}, {budget} slots, "
                      f"best lr each")
-    notes = [] if not obj.data else [
-        f"text: {obj.data} (its last 10 % held out: validation loss on {VAL_WINDOWS} "
-        f"windows of it, training loss on the 8 fixed evaluation windows of the rest); "
-        f"validation figure: {plot_validation(runs, st.out / 'E6_validation.png', S, budget).name}"]
+    notes: list[str] = []
+    if obj.data:
+        held = plot_validation(runs, st.out / "E6_validation.png", S, budget)
+        notes.append(f"text: {obj.data} (its last 10 % held out: validation loss on "
+                     f"{VAL_WINDOWS} windows of it, training loss on the 8 fixed evaluation "
+                     f"windows of the rest); validation figure: {held.name}")
     return Outcome(_table(runs, budget, st.quick, bool(obj.data)), png,
                    _measured(runs, budget, obj), notes)
 

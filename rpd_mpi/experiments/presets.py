@@ -35,7 +35,7 @@ import numpy as np
 
 from rpd_mpi.analysis.common import (fmt, lr_text, markdown_table, parallel_map,
                                      pyplot, save_figure, tidy_log_axis)
-from rpd_mpi.analysis.curves import curve, group_seeds, plot_curves
+from rpd_mpi.analysis.curves import curve, merge_seeds, plot_curves
 from rpd_mpi.analysis.sweep import (PAPER_THRESHOLDS, TAIL_MEAN, Selector, SweepResult,
                                     Thresholds, power_grid, score_record, sweep,
                                     write_summary)
@@ -237,9 +237,9 @@ def grid_of(quick: bool, method: str) -> tuple[int, int]:
 def plot_tuned(runs: Sequence[Tuned], x: str, path: str | Path, title: str) -> Path:
     """The best curve of every tuned run on one plot; a run with several seeds is drawn as
     the mean over its seeds with a min–max band."""
-    records = [rec for r in runs for rec in r.records]
-    curves = [curve(rec, x, f"{r.label} (lr {r.lr})") for r in runs for rec in r.records]
-    return plot_curves(group_seeds(records, curves), x, path, title)
+    drawn = [merge_seeds([curve(rec, x, f"{r.label} (lr {r.lr})") for rec in r.records])
+             for r in runs if r.records]       # one curve per tuned run, whatever its seeds vary
+    return plot_curves(drawn, x, path, title)
 
 
 def selector_note(st: Settings, tail: str) -> str:

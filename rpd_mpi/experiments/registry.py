@@ -10,7 +10,8 @@ not comparable with the paper's. The settings of E2–E5 live in `rpd_mpi.experi
 (each follows the paper's set-up and budget protocol; step sizes by the paper's stable rule
 unless `--selector tail-mean`; 5 seeds by default for E2's RPD curves, E4 and E5).
 
-E6 (character language model, rpd_mpi.experiments.e6) runs a reduced width on this CPU by default.
+E6 (character language model, rpd_mpi.experiments.e6) runs a reduced width on this CPU by default;
+`--data FILE` (a text, its last 10 % held out for the validation loss) and `--width W` are E6's.
 A given `--out DIR` is created if missing, but its parent folder must exist.
 """
 
@@ -52,7 +53,8 @@ def run_named(name: str, st: Settings, fn: Callable[[Settings], Outcome] | None 
     write_text(st.out / f"{name}.md", report(name, title, st, outcome, seconds, flags))
     write_text(st.out / f"{name}.json", jsonout.dumps(
         {"experiment": name, "quick": st.quick, "seconds": seconds,
-         "seeds": presets.seeds_of(st, name), "selector": st.selector, "png": str(outcome.png), "measured": outcome.measured,
+         "seeds": presets.seeds_of(st, name), "selector": st.selector, "png": str(outcome.png),
+         "measured": outcome.measured,
          "notes": outcome.notes},
         indent=1, default=float))
     return outcome, seconds

@@ -368,7 +368,8 @@ _TYPED_ATTRS: dict[str, tuple[type, ...]] = {
 
 def read_run(path: str | os.PathLike[str]) -> RunRecord:
     """Read a run file written by `write_run`; LedgerError naming the file if it is not a
-    complete ledger of a readable schema version (1 or 2) or a part of it is missing or malformed."""
+    complete ledger of a readable schema version (1 or 2) or a part of it is missing or
+    malformed."""
     with open_ledger(path, "ledger") as f:
         _check_header(f, path)
         try:

@@ -3,7 +3,8 @@
 `--order static` runs the stage's op sequence of the unit-time timeline (so the math equals
 the simulator's); `--order dynamic` applies the 1F1B choice rule (`schedule.choose_1f1b`) to
 what has actually arrived (docs/DESIGN.md 4.2). Ops dispatch through a handler table; the
-block, stash, flush and SGD step are the simulator's (`engines.blocks.BlockState`); every op is stamped with MPI.Wtime() (start, end, seconds blocked waiting) and
+block, stash, flush and SGD step are the simulator's (`engines.blocks.BlockState`); every op
+is stamped with MPI.Wtime() (start, end, seconds blocked waiting) and
 written, with the rank's updates and block snapshots, to the rank's part file as it goes.
 With `--device cuda` the rank's blocks, stash and activations live on its GPU (`backend`),
 the links come from `comm_gpu`, and snapshots and LocalSGD averages go through the host.

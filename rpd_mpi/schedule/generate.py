@@ -21,7 +21,8 @@ from rpd_mpi.schedule.timeline import ScheduleError, Timeline
 
 def generate(method: str, stages: int, microbatches: int, *, noam: int = 0,
              trajectories: int = 1, local_steps: int = 1, flush: int = 0) -> Timeline:
-    """Run the family's rules slot by slot until the last backward on stage 0 (docs/DESIGN.md 2.1)."""
+    """Run the family's rules slot by slot until the last backward on stage 0
+    (docs/DESIGN.md 2.1)."""
     _check_sizes(stages, microbatches)
     rules = make_rules(method, stages, microbatches, noam=noam, trajectories=trajectories,
                        local_steps=local_steps, flush=flush)

@@ -140,3 +140,15 @@ def test_a_dynamic_order_job_survives_a_kill_with_its_invariants(tmp_path: Path)
         assert np.array_equal(np.sort(u.version[mine] + u.local_staleness[mine]),
                               np.arange(mine.sum()))
     assert rec.attrs["resumed"] >= 1
+
+
+def test_checkpoints_on_a_gpu_are_refused_on_every_rank_before_any_work(tmp_path: Path) -> None:
+    res = subprocess.run(_train(3, ["--objective", "charlm", "--stages", "3", "--device", "cuda",
+                                    "--checkpoint-every", "1", "--microbatches", "4",
+                                    "--out", str(tmp_path / "x.h5")]),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("rpd-mpi:")]
+    assert lines == ["rpd-mpi: error: --checkpoint-every: checkpoints and --resume run on "
+                     "--device cpu only (device links are not drained to a cut)"], res.stderr
+    assert list(tmp_path.iterdir()) == []          # nothing written, no lock left

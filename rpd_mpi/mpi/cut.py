@@ -39,6 +39,7 @@ from rpd_mpi.checkpoint import Writer
 from rpd_mpi.mpi.comm import (CUT_FINAL, CUT_PERIODIC, STOP_SIGNAL, Comm, StageLinks, Stopped,
                               Waiter)
 from rpd_mpi.mpi.recorder import Recorder
+from rpd_mpi.mpi.runner import sent_count
 
 END = np.iinfo(np.int64).max // 4      # the position of a rank whose program has ended
 
@@ -68,6 +69,19 @@ class Held:
 
     def state(self) -> dict[str, list[tuple[int, Any]]]:
         return {kind: list(q) for kind, q in self.queues.items()}
+
+
+def next_input(held: Held, taken: dict[str, int], kind: str, link: Any, mb: int,
+               move: Callable[[Any], Any] = lambda a: a) -> tuple[Any, bool]:
+    """The input of op `mb` from `kind`'s link: a message held at a cut first (`move`d to
+    where the stage computes; nothing to release then), else the link's next, counted in
+    `taken`. (payload, taken off the link)."""
+    payload = held.pop(kind, mb)
+    if payload is not None:
+        return move(payload), False
+    payload = link.take(mb)          # may leave for a cut (CutNow): nothing counted then
+    taken[kind] += 1
+    return payload, True
 
 
 class Cutter:
@@ -125,7 +139,7 @@ class Cutter:
         """Step 3 and the checkpoint: drain the links to the cut, write this rank's state,
         rank 0 commits; the flag is settled for the next cut."""
         links, comm = self.links, self.comm
-        sent = np.array([_sent(links.act_out), _sent(links.grad_out), progress],
+        sent = np.array([sent_count(links.act_out), sent_count(links.grad_out), progress],
                         dtype=np.int64)
         req, every = comm.cut_collective(sent, "gather")
         progress = int(every[:, 2].sum())        # block updates of the whole job
@@ -185,9 +199,6 @@ class Cutter:
         finally:
             self.waiter.stop = stop
 
-
-def _sent(link: object) -> int:
-    return int(getattr(link, "sent", 0)) if link is not None else 0
 
 
 class CutRunner:

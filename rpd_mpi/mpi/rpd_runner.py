@@ -24,7 +24,7 @@ from rpd_mpi.engines.resume import restore_rngs, rng_states
 from rpd_mpi.engines.rpd import RPDPlan
 from rpd_mpi.ledger.parts import RankPart
 from rpd_mpi.mpi.comm import Comm, Stopped, Waiter, stage_links, wtime
-from rpd_mpi.mpi.cut import END, Cutter, CutRunner, Held
+from rpd_mpi.mpi.cut import END, Cutter, CutRunner, Held, next_input
 from rpd_mpi.mpi.recorder import Recorder, hold
 from rpd_mpi.mpi.runner import STOPS, RunnerResult, stop_for
 from rpd_mpi.objectives.protocol import Model
@@ -127,12 +127,7 @@ class RPDRunner(CutRunner):
         self.rec.restore(st["recorder"])
 
     def _input(self, kind: str, link: Any, k: int) -> tuple[Any, bool]:
-        held = self.held.pop(kind, k)
-        if held is not None:
-            return held, False
-        payload = link.take(k)
-        self.taken[kind] += 1
-        return payload, True
+        return next_input(self.held, self.taken, kind, link, k)
 
     def forward(self, k: int) -> tuple[Stashed, Any]:
         t_wait, links = wtime(), self.links

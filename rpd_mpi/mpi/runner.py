@@ -66,7 +66,8 @@ def drain_after_stop(comm: Comm, links: StageLinks, waiter: Waiter) -> bool:
     with os._exit instead of MPI_Finalize, see `commands.cmd_train`)."""
     stop, waiter.stop = waiter.stop, None          # the stop is known: waits must not raise
     try:
-        sent = np.array([_sent(links.act_out), _sent(links.grad_out)], dtype=np.int64)
+        sent = np.array([sent_count(links.act_out), sent_count(links.grad_out)],
+                        dtype=np.int64)
         every = np.zeros((comm.size, 2), dtype=np.int64)
         waiter.collective(comm.world.Iallgather(sent, every), "the drain after a stop")
         quiet = all(hasattr(link, "discard") for link in (links.act_in, links.grad_in)
@@ -83,5 +84,6 @@ def drain_after_stop(comm: Comm, links: StageLinks, waiter: Waiter) -> bool:
         waiter.stop = stop
 
 
-def _sent(link: object) -> int:
+def sent_count(link: object) -> int:
+    """Messages an outgoing link has sent (0 for no link, or one that does not count)."""
     return int(getattr(link, "sent", 0)) if link is not None else 0

@@ -29,7 +29,7 @@ from rpd_mpi.mpi.backend import CPU, Backend
 from rpd_mpi.engines.resume import restore_rngs, rng_states
 from rpd_mpi.mpi.comm import Comm, Stopped, Waiter, stage_links, wtime
 from rpd_mpi.mpi.comm_gpu import Links
-from rpd_mpi.mpi.cut import END, Cutter, CutRunner, Held
+from rpd_mpi.mpi.cut import END, Cutter, CutRunner, Held, next_input
 from rpd_mpi.mpi.recorder import Recorder, hold
 from rpd_mpi.mpi.runner import STOPS, RunnerResult, stop_for
 from rpd_mpi.objectives.protocol import Model
@@ -111,14 +111,7 @@ class StageRunner(CutRunner):
         return t
 
     def _take(self, kind: str, link: Any, mb: int) -> tuple[Any, bool]:
-        """The input of op `mb` from `kind`'s link: a message held at a cut first (then
-        there is nothing to release), else the link's next; (payload, taken off the link)."""
-        held = self.held.pop(kind, mb)
-        if held is not None:
-            return self.backend.to_device(held), False
-        payload = link.take(mb)
-        self.taken[kind] += 1
-        return payload, True
+        return next_input(self.held, self.taken, kind, link, mb, self.backend.to_device)
 
     def forward(self, mb: int) -> None:
         t_wait, links = self._wait_start(), self.links

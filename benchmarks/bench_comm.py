@@ -28,8 +28,8 @@ from rpd_mpi.mpi.train import train
 WORLD = MPI.COMM_WORLD
 
 
-def raw_pingpong(n: int, iters: int) -> float:
-    a = np.ones(n)
+def raw_pingpong(a: np.ndarray, iters: int) -> float:
+    """`iters` round trips of a plain mpi4py Send/Recv ping-pong on one buffer."""
     WORLD.Barrier()
     t0 = MPI.Wtime()
     for _ in range(iters):
@@ -42,43 +42,59 @@ def raw_pingpong(n: int, iters: int) -> float:
     return MPI.Wtime() - t0
 
 
-def link_pingpong(comm: Comm, n: int, iters: int, strategy: str) -> float:
-    waiter = Waiter(strategy, 60.0)
-    peer = 1 - comm.rank
-    out_comm, in_comm = (comm.act_comm, comm.grad_comm) if comm.rank == 0 else \
-        (comm.grad_comm, comm.act_comm)
-    send = SendLink(out_comm, peer, (n,), waiter, "bench")
-    recv = RecvLink(in_comm, peer, (n,), iters, waiter, "bench")
-    WORLD.Barrier()
-    t0 = MPI.Wtime()
-    for i in range(iters):
-        if comm.rank == 0:
-            send.send(i, send.buffer())
-            recv.take(i)
-            recv.release()
-        else:
-            recv.take(i)
-            recv.release()
-            send.send(i, send.buffer())
-    send.drain()
-    return MPI.Wtime() - t0
+class LinkPair:
+    """One SendLink and one RecvLink to the other rank, as a pipeline stage holds them for
+    a whole run: their buffers are allocated once and reused by every round. Each pair has
+    communicators of its own (receives are posted ahead with any tag)."""
+
+    def __init__(self, n: int, messages: int, strategy: str) -> None:
+        waiter = Waiter(strategy, 60.0)
+        self.rank, peer = WORLD.rank, 1 - WORLD.rank
+        down, up = WORLD.Dup(), WORLD.Dup()
+        out_comm, in_comm = (down, up) if self.rank == 0 else (up, down)
+        self.send = SendLink(out_comm, peer, (n,), waiter, "bench")
+        self.recv = RecvLink(in_comm, peer, (n,), messages, waiter, "bench")
+        self.mb = 0
+
+    def pingpong(self, iters: int) -> float:
+        """`iters` round trips: rank 0 sends and takes the reply, rank 1 the other way."""
+        send, recv = self.send, self.recv
+        WORLD.Barrier()
+        t0 = MPI.Wtime()
+        for _ in range(iters):
+            if self.rank == 0:
+                send.send(self.mb, send.buffer())
+                recv.take(self.mb)
+                recv.release()
+            else:
+                recv.take(self.mb)
+                recv.release()
+                send.send(self.mb, send.buffer())
+            self.mb += 1
+        send.drain()
+        return MPI.Wtime() - t0
 
 
-def bandwidth_table(sizes_mib: list[float]) -> None:
-    comm = Comm()
-    comm.split(2)
+def bandwidth_table(sizes_mib: list[float], rounds: int = 3) -> None:
+    """Per size: one raw buffer and one link pair per wait strategy, allocated up front and
+    warmed by an untimed round (first-touch page faults are start-up, not steady state),
+    then `rounds` interleaved timed rounds; best of them."""
     if WORLD.rank == 0:
         print(f"{'size MiB':>9s} {'raw MiB/s':>11s} {'spin MiB/s':>11s} {'polite MiB/s':>13s}"
               f" {'spin/raw':>9s} {'polite/raw':>11s}")
     for mib in sizes_mib:
         n = max(1, int(mib * 2 ** 20 / 8))
         iters = max(5, min(2000, int(2 ** 28 / (n * 8))))
-        raw_pingpong(n, 2)
+        raw = np.ones(n)
+        links = {s: LinkPair(n, iters * (rounds + 1), s) for s in ("spin", "polite")}
+        raw_pingpong(raw, iters)
+        for pair in links.values():
+            pair.pingpong(iters)
         best = {k: float("inf") for k in ("raw", "spin", "polite")}
-        for _ in range(3):
-            best["raw"] = min(best["raw"], raw_pingpong(n, iters))
-            for strategy in ("spin", "polite"):
-                best[strategy] = min(best[strategy], link_pingpong(comm, n, iters, strategy))
+        for _ in range(rounds):
+            best["raw"] = min(best["raw"], raw_pingpong(raw, iters))
+            for strategy, pair in links.items():
+                best[strategy] = min(best[strategy], pair.pingpong(iters))
         rate = {k: 2 * iters * n * 8 / 2 ** 20 / v for k, v in best.items()}
         if WORLD.rank == 0:
             print(f"{mib:9.3f} {rate['raw']:11.0f} {rate['spin']:11.0f} {rate['polite']:13.0f}"

@@ -12,8 +12,13 @@ bandwidth and shared cores included). Efficiency = speed-up / attainable.
     python benchmarks/bench_speedup.py [--repeats 3] [--cases linear,charlm2,charlm4]
 
 Cases: `linear` (block-linear quadratic, S = 2, a 1024 x 4096 matrix-vector product per op),
-`charlm2` (charlm, 6 blocks, `--partition auto` over S = 2), `charlm4` (the same model on S =
-4 ranks: more ranks than this machine's 2 cores, reported as oversubscribed). Best of
+`charlm2` (charlm, 6 blocks, `--partition auto` over S = 2), `wide2` (charlm with 2 blocks of
+width 256 on 256 tokens per microbatch, S = 2: each op is matrix-matrix products, compute-bound
+at ~24 GFLOP/s on one core here, the case where memory bandwidth does not cap two processes),
+`charlm4` (the 6-block model on S = 4 ranks: more ranks than this machine's 2 cores, reported
+as oversubscribed; 8 units cannot balance over 4 stages when the embedding is cheap),
+`charlm4b` (8 blocks on S = 4, which `auto` can balance; oversubscribed too). For the S-rank runs the table also gives each stage's measured utilization
+and, for `auto` partitions, the utilization the profile predicted. Best of
 `--repeats` runs for every wall time, the three measurements interleaved. Prints a markdown
 table. On a machine other jobs load, the three move independently (efficiency above 1 is
 such noise): measure on idle cores. With Linux's autogroup scheduling every rank mpiexec starts
@@ -50,12 +55,17 @@ CASES: dict[str, tuple[int, int, list[str]]] = {      # name -> (S, N, flags)
     "linear": (2, 64, ["--objective", "quadratic", "--dim", "8192", "--examples", "1024",
                        "--batch-size", "1024", "--lr", "1e-6"]),
     "charlm2": (2, 100, LM),
+    "wide2": (2, 40, ["--objective", "charlm", "--layers", "2", "--width", "256", "--heads",
+                      "4", "--context", "32", "--batch-size", "8", "--lr", "0.125"]),
     "charlm4": (4, 100, LM),
+    "charlm4b": (4, 100, [*LM[:2], "--layers", "8", *LM[4:]]),
 }
 
 
-def train_wall(stages: int, n: int, flags: list[str], partition: str, out: Path) -> float:
-    """Wall time of one `rpd-mpi train` job (max event end - min event start)."""
+def train_run(stages: int, n: int, flags: list[str], partition: str,
+              out: Path) -> dict[str, object]:
+    """One `rpd-mpi train` job: its report (wall time = max event end - min event start,
+    measured and, with `auto`, predicted utilization per stage)."""
     cmd = [MPIEXEC, "-n", str(stages), sys.executable, "-m", "rpd_mpi", "train", "--method",
            "pd", "--stages", str(stages), "--microbatches", str(n), *flags, "--partition",
            partition, "--out", str(out), "--force", "--quiet", "--eval-every", "1000000",
@@ -65,8 +75,7 @@ def train_wall(stages: int, n: int, flags: list[str], partition: str, out: Path)
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {res.stderr[-2000:]}")
-    wall = summarize(read_run(out))["wall_time"]
-    return float(wall)
+    return summarize(read_run(out))
 
 
 def partition_of(stages: int, n: int, flags: list[str], out: Path) -> str:
@@ -142,18 +151,25 @@ def concurrent_stages(stages: int, n: int, flags: list[str], partition: str) -> 
 def run_case(name: str, repeats: int, tmp: Path) -> dict[str, object]:
     stages, n, flags = CASES[name]
     part = partition_of(stages, n, flags, tmp / f"{name}-part.h5")
-    t1s, tss, concs = [], [], []
+    t1s: list[float] = []
+    runs: list[dict[str, object]] = []
+    concs: list[list[float]] = []
     for _ in range(repeats):     # interleaved, so that a change of load hits all three
-        t1s.append(train_wall(1, n, flags, "", tmp / f"{name}-1.h5"))   # S = 1: all units
-        tss.append(train_wall(stages, n, flags, part, tmp / f"{name}-S.h5"))
+        t1s.append(float(train_run(1, n, flags, "", tmp / f"{name}-1.h5")["wall_time"]))
+        runs.append(train_run(stages, n, flags, "auto" if part else "",   # cached profile:
+                              tmp / f"{name}-S.h5"))                     # the same units
         concs.append(concurrent_stages(stages, n, flags, part))
-    t1, ts, conc = min(t1s), min(tss), min(concs, key=max)
+    best = min(runs, key=lambda r: float(r["wall_time"]))   # type: ignore[arg-type]
+    if part and ",".join(str(c) for c in best["partition"]) != part:  # type: ignore[attr-defined]
+        raise RuntimeError(f"{name}: auto chose {best['partition']} after {part}")
+    t1, ts, conc = min(t1s), float(best["wall_time"]), min(concs, key=max)
     speedup, attainable = t1 / ts, t1 / max(conc)
     return {"case": name, "S": stages, "N": n, "partition": part or "even",
             "oversubscribed": stages > (os.cpu_count() or 1), "t1": t1, "tS": ts,
             "speedup": speedup, "ideal": stages * n / (n + stages - 1),
             "attainable": attainable, "efficiency": speedup / attainable,
-            "stage_seconds": conc}
+            "stage_seconds": conc, "utilization": best["stage_utilization"],
+            "predicted": best.get("predicted_stage_utilization")}
 
 
 def main() -> None:
@@ -172,13 +188,19 @@ def main() -> None:
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"{os.cpu_count()} cores; best of {args.repeats}\n")
     print("| case | S | N | partition | T(1) s | T(S) s | speed-up | ideal SN/(N+S-1) | "
-          "attainable | efficiency |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "attainable | efficiency | utilization per stage | predicted |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         note = " (oversubscribed)" if r["oversubscribed"] else ""
         print(f"| {r['case']}{note} | {r['S']} | {r['N']} | {r['partition']} | "
               f"{r['t1']:.3f} | {r['tS']:.3f} | {r['speedup']:.2f} | {r['ideal']:.2f} | "
-              f"{r['attainable']:.2f} | {r['efficiency']:.2f} |")
+              f"{r['attainable']:.2f} | {r['efficiency']:.2f} | {_fracs(r['utilization'])} | "
+              f"{_fracs(r['predicted'])} |")
+
+
+def _fracs(values: object) -> str:
+    return "-" if values is None else \
+        ", ".join(f"{v:.2f}" for v in values)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -385,6 +385,11 @@ class RunConfig:
             if getattr(obj, name) != getattr(default, name):
                 raise ConfigError(f"--{name}", f"--objective {obj.name} does not use it; leave "
                                                f"it out (got {getattr(obj, name)!r})")
+        if obj.data and obj.name != "charlm":
+            for name in ("dim", "examples"):
+                if getattr(obj, name) != getattr(default, name):
+                    raise ConfigError(f"--{name}", f"the --data file sets it ({obj.data}); "
+                                                   f"leave it out (got {getattr(obj, name)})")
 
     def check_fault_rank(self, world_size: int) -> None:
         """--fault names a rank of the job: call it where the world size is known."""

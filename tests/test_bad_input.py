@@ -81,6 +81,7 @@ MAKERS: dict[str, Callable[[Path], None]] = {
     "corrupt.npz": lambda p: p.write_bytes(b"PK\x03\x04 this is not a zip archive" * 8),
     "truncated.npz": _truncated,
     "fstar.npz": lambda p: _npz(p, **_good(), f_star=np.ones(2)),
+    "good.npz": lambda p: _npz(p, **_good()),
     "text.npz": lambda p: p.write_text("X,y\n1,2\n"),
     "table.toml": lambda p: p.write_text("schedule = 5\n"),
     "out.toml": lambda p: p.write_text("out = 5\n"),
@@ -189,6 +190,8 @@ SIMULATE_CASES = [
     (["--data", "fstar.npz"], "--data", "fstar.npz"),
     (["--data", "text.npz"], "--data", "text.npz"),
     (["--data", "missing.npz"], "--data", "missing.npz"),
+    (["--data", "good.npz", "--dim", "16"], "--dim", "good.npz"),     # the file sets d and n
+    (["--data", "good.npz", "--examples", "24"], "--examples", "good.npz"),
     (["--config", "table.toml"], "--config", "table.toml", "[schedule]"),
     (["--config", "out.toml"], "--config", "out.toml", "out"),
     (["--config", "seed.toml"], "--config", "seed.toml", "seed"),
@@ -214,9 +217,18 @@ def _merged(base: list[str], extra: list[str]) -> list[str]:
     return [x for kv in out.items() for x in kv]
 
 
+def _small(args: list[str]) -> list[str]:
+    """SMALL with `args`; with --data, without SMALL's --dim/--examples (the file sets them,
+    and giving them is an error of its own)."""
+    pairs = list(zip(SMALL[::2], SMALL[1::2]))
+    if "--data" in args:
+        pairs = [(k, v) for k, v in pairs if k not in ("--dim", "--examples")]
+    return _merged([x for kv in pairs for x in kv], args)
+
+
 def _simulate(args: list[str]) -> list[str]:
     out = [] if "out.toml" in args else ["--out", "new.h5"]
-    return ["simulate", *_merged(SMALL, args), *out]
+    return ["simulate", *_small(args), *out]
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +316,7 @@ def _mpiexec(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
 ])
 def test_errors_under_mpiexec_print_once(folder: Path, args: list[str], name: str) -> None:
     before = snapshot(folder)
-    res = _mpiexec(folder, "train", *_merged(SMALL, ["--stages", "2", *args]), "--out",
+    res = _mpiexec(folder, "train", *_small(["--stages", "2", *args]), "--out",
                    "new.h5")
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr

@@ -12,6 +12,7 @@ from rpd_mpi.ledger.run_file import read_run
 
 SMALL = ["--stages", "2", "--microbatches", "6", "--dim", "8", "--examples", "12",
          "--batch-size", "3"]
+DATA_SMALL = ["--stages", "2", "--microbatches", "6", "--batch-size", "3"]   # --data sets d, n
 
 
 def rpd_mpi(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -53,7 +54,7 @@ def test_bad_input_is_one_line_exit_2_no_ledger(tmp_path, args, flag) -> None:
 def test_data_file_without_y_is_rejected(tmp_path) -> None:
     path = tmp_path / "data.npz"
     np.savez(path, X=np.ones((12, 4)))
-    res = rpd_mpi("simulate", *SMALL, "--data", str(path), "--out", str(tmp_path / "r.h5"))
+    res = rpd_mpi("simulate", *DATA_SMALL, "--data", str(path), "--out", str(tmp_path / "r.h5"))
     assert res.returncode == 2 and "--data" in res.stderr and "'y'" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r.h5").exists()
@@ -79,7 +80,7 @@ def test_data_file_is_used(tmp_path) -> None:
     X, w = rng.standard_normal((12, 6)), rng.standard_normal(6)
     np.savez(tmp_path / "d.npz", X=X, y=X @ w)
     out = tmp_path / "r.h5"
-    res = rpd_mpi("simulate", *SMALL, "--data", str(tmp_path / "d.npz"), "--out", str(out))
+    res = rpd_mpi("simulate", *DATA_SMALL, "--data", str(tmp_path / "d.npz"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     rec = read_run(out)
     assert rec.attrs["dim"] == 6 and abs(rec.attrs["f_star"]) < 1e-20
@@ -134,12 +135,12 @@ def test_h5_data_file_with_f_star(tmp_path) -> None:
     with h5py.File(tmp_path / "d.h5", "w") as f:
         f["X"], f["y"], f["f_star"] = X, X @ w, 0.0
     out = tmp_path / "r.h5"
-    res = rpd_mpi("simulate", *SMALL, "--data", str(tmp_path / "d.h5"), "--out", str(out))
+    res = rpd_mpi("simulate", *DATA_SMALL, "--data", str(tmp_path / "d.h5"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert read_run(out).attrs["dim"] == 5
     with h5py.File(tmp_path / "bad.h5", "w") as f:
         f["X"] = X
-    res = rpd_mpi("simulate", *SMALL, "--data", str(tmp_path / "bad.h5"), "--out",
+    res = rpd_mpi("simulate", *DATA_SMALL, "--data", str(tmp_path / "bad.h5"), "--out",
                   str(tmp_path / "r2.h5"))             # a new --out: r.h5 exists (issue 10)
     assert res.returncode == 2 and "--data" in res.stderr and "'y'" in res.stderr
 

@@ -284,12 +284,16 @@ class Waiter:
     """Waits on requests with a strategy and a timeout.
 
     `spin`: test in a tight loop (dedicated cores). `polite`: test in a tight loop for
-    SPIN_FIRST seconds (a message about to land, or a large one whose chunks need MPI progress
-    calls, costs no sleep), then sleep between tests with a backoff from 20 us (x1.5 per try)
-    to SLEEP_MAX, so that oversubscribed ranks leave the core to the ones computing.
+    SPIN_FIRST seconds (a message about to land), then yield the core between tests until
+    YIELD_UNTIL (sched_yield returns at once when no other process wants the core, so a
+    large message, whose chunks MPICH moves only inside MPI calls of both ranks, still
+    streams at full speed; sleeping here cost 0.05-0.3x of the raw bandwidth from 64 KiB to
+    4 MiB), then sleep between tests with a backoff from 20 us (x1.5 per try) to SLEEP_MAX,
+    so that oversubscribed ranks leave the core to the ones computing.
     """
 
     SPIN_FIRST = 5e-5
+    YIELD_UNTIL = 2e-3
     SLEEP_MAX = 5e-4
 
     def __init__(self, strategy: str, timeout: float) -> None:
@@ -328,9 +332,12 @@ class Waiter:
                     self.blocked += MPI.Wtime() - t0
                     return i
             spins += 1
-            if self.polite and MPI.Wtime() - t0 > self.SPIN_FIRST:
+            waited = MPI.Wtime() - t0
+            if self.polite and waited > self.YIELD_UNTIL:
                 time.sleep(sleep)
                 sleep = min(sleep * 1.5, self.SLEEP_MAX)
+            elif self.polite and waited > self.SPIN_FIRST:
+                os.sched_yield()
             if self.polite or spins % 4096 == 0:
                 if self.stop is not None and self.stop.raised():
                     self.blocked += MPI.Wtime() - t0
@@ -346,15 +353,17 @@ class Waiter:
 
 
 TAG_MOD = 32768   # MPI guarantees tags up to at least 32767
-DEEP_RING_BYTES = 4 * 2 ** 20
+DEEP_RING_BYTES = 2 ** 20
 
 
 def ring_depth(shape: tuple[int, ...], dtype: type) -> int:
-    """Buffers per link: two (one message posted ahead) up to 4 MiB, one beyond. Posting
-    ahead saves latency, not bandwidth, and for large messages the second buffer's memory
-    traffic cost a third of the bandwidth here (16 MiB ping-pong: 11.4 vs 7.7 GB/s)."""
+    """Buffers per link: two (one message posted ahead) below 1 MiB, one from 1 MiB on.
+    Posting ahead saves latency, not bandwidth, and a second buffer per link doubles the
+    memory a stream of large messages cycles through: a raw mpi4py ping-pong that rotates
+    two send and two receive buffers fell from 19.8 to 14.0 GB/s at 4 MiB and from 16.4 to
+    14.5 at 16 MiB against one of each (2026-12-02; L3 here is 32 MiB for both ranks)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return 2 if nbytes <= DEEP_RING_BYTES else 1
+    return 2 if nbytes < DEEP_RING_BYTES else 1
 
 
 class RecvLink:

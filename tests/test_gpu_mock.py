@@ -228,6 +228,31 @@ def test_train_on_mock_gpu_equals_the_simulator(tmp_path: Path, transport: str,
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("transport", ["staged", "ipc"])
+def test_float32_on_mock_gpu_tracks_the_simulator(tmp_path: Path, transport: str) -> None:
+    """--dtype float32 on the device path: device and pinned link buffers of the stage dtype
+    (a float64 buffer would make the mock refuse the copy), blocks kept in float32, the
+    losses those of the simulator to float32 accuracy (the simulator applies float32
+    gradients to float64 weights, so bits differ)."""
+    from rpd_mpi.ledger.run_file import read_run
+    from rpd_mpi.build import simulate_run
+    out = tmp_path / "gpu32.h5"
+    res = mpirun(3, ["-m", "mpi4py", "-m", "rpd_mpi", "train", "--device", "cuda",
+                     "--transport", transport, *TINY, "--method", "pd", "--microbatches", "7",
+                     "--dtype", "float32", "--out", str(out)],
+                 mock_env(FAKECUPY_DIR=str(tmp_path)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = read_run(out)
+    assert run.config["objective"]["dtype"] == "float32"
+    for b in run.final_blocks:
+        assert np.all(b == b.astype(np.float32)), "a block left float32"
+    sim = simulate_run(RunConfig.from_dict(run.config))
+    last = run.updates.stage == 2
+    np.testing.assert_allclose(run.updates.loss[last], sim.updates.loss[sim.updates.stage == 2],
+                               rtol=1e-4)
+
+
+@pytest.mark.timeout(150)
 def test_direct_needs_a_cuda_aware_mpi(tmp_path: Path) -> None:
     """The venv's MPICH says it is not CUDA-aware: --transport direct is refused, once."""
     res = mpirun(3, ["-m", "rpd_mpi", "train", "--device", "cuda", "--transport", "direct",

@@ -44,7 +44,15 @@ BUFFER_BYTES = 2 ** 22   # rows buffered in memory before an append, at most thi
 
 #: datasets stored with gzip(1) + shuffle (rows of integers and times; the run file
 #: compresses them the same way): a part is then about the size of the ledger's rows
-COMPRESSED = ("events", "updates", "losses", "snapshots")
+COMPRESSED = ("events", "updates", "losses")
+
+#: snapshot rows up to this many bytes are compressed too: their time, version and copy
+#: fields are a large share of the row (quadratic d = 64 on 4 ranks: parts 2.5-3x larger
+#: without), while large rows are float weights that gzip barely shrinks (11 % of a width-32
+#: charlm block) at 137 ms per 7.7 MB against 5 ms stored plainly: a pause on the rank's
+#: critical path every 4 MiB of snapshots (2026-12-02: 75 ms every 12 backward ops at width
+#: 32, utilization 0.61 instead of 0.80)
+GZIP_SNAPSHOT_ROW_BYTES = 2 ** 14
 
 #: the datasets of a part file, in the order `counts()` lists them
 DATASETS = ("events", "updates", "snapshots", "losses")
@@ -76,8 +84,10 @@ class _Appender:
     @classmethod
     def create(cls, f: h5py.File, name: str, dtype: np.dtype, buffer_rows: int) -> _Appender:
         rows = chunk_rows(dtype.itemsize)
+        packed = name in COMPRESSED or (name == "snapshots"
+                                        and dtype.itemsize <= GZIP_SNAPSHOT_ROW_BYTES)
         squeeze = {"compression": "gzip", "compression_opts": 1, "shuffle": True} \
-            if rows > 1 and name in COMPRESSED else {}
+            if rows > 1 and packed else {}
         dataset = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
                                    chunks=(rows,), **squeeze)
         return cls(dataset, max(1, min(buffer_rows, BUFFER_BYTES // dtype.itemsize)))

@@ -8,12 +8,12 @@ from rpd_mpi.objectives import build_model
 
 def test_shift_prediction_matches_reference() -> None:
     rng = np.random.default_rng(0)
-    cols, delta = rng.standard_normal((50, 7)), rng.standard_normal(7)
+    cols_t, delta = rng.standard_normal((7, 50)), rng.standard_normal(7)   # X[:, block].T
     p1, w1 = rng.standard_normal(50), rng.standard_normal(7)
     p2, w2 = p1.copy(), w1.copy()
-    shift_prediction(cols, delta, -0.3, p1, w1)
-    shift_prediction_ref(cols, delta, -0.3, p2, w2)
-    assert np.abs(p1 - p2).max() < 1e-12 and np.abs(w1 - w2).max() < 1e-15
+    shift_prediction(cols_t, delta, -0.3, p1, w1)
+    shift_prediction_ref(cols_t, delta, -0.3, p2, w2)
+    assert np.array_equal(p1, p2) and np.array_equal(w1, w2)      # the same bits
 
 
 def test_tracker_follows_full_objective() -> None:

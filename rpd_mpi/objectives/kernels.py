@@ -48,38 +48,57 @@ HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 # ----------------------------------------------------------------------------- tracker
 
-def _shift_prediction(cols: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray,
+def _shift_prediction(cols_t: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray,
                       w: np.ndarray) -> None:
-    """w += scale * delta and p += scale * cols @ delta (cols: contiguous n x m block).
+    """w += scale * delta and p += scale * (cols_t.T @ delta) (cols_t: the block's columns
+    as a contiguous m x n array, X[:, slice_s].T).
 
-    fastmath lets the inner sums vectorise (reordered additions, ~1e-16 relative): this kernel
-    only tracks objective values, never the weights the engines compare bit for bit."""
-    n, m = cols.shape
+    Plain IEEE arithmetic in a fixed order (no fastmath, no fused multiply-add): each
+    p[i]'s sum adds the products cols_t[j, i] * delta[j] for j = 0, 1, ... in turn, so the
+    numpy version `shift_prediction_ref` gives the same bits and a run can use either (the
+    tracker uses numpy for its first shifts and never imports numba in a short run). The
+    loop over i is the inner one: it vectorises without reordering any sum."""
+    m, n = cols_t.shape
     for j in range(m):
         w[j] += scale * delta[j]
+    acc = np.empty(n)
+    d = delta[0]
     for i in range(n):
-        acc = 0.0
-        for j in range(m):
-            acc += cols[i, j] * delta[j]
-        p[i] += scale * acc
+        acc[i] = cols_t[0, i] * d
+    for j in range(1, m):
+        d = delta[j]
+        for i in range(n):
+            acc[i] = acc[i] + cols_t[j, i] * d
+    for i in range(n):
+        p[i] += scale * acc[i]
 
 
-def shift_prediction_ref(cols: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray,
+def shift_prediction_ref(cols_t: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray,
                          w: np.ndarray) -> None:
-    """numpy reference of `shift_prediction`."""
+    """numpy version of `shift_prediction`, bit for bit: the products, then their sum over
+    the rows of cols_t in row order (an add-reduce over axis 0 of a C-contiguous array with
+    more than one column runs as out += row, row by row; one column, or a non-contiguous
+    input, takes the explicit loop)."""
     w += scale * delta
-    p += scale * (cols @ delta)
+    prod = cols_t * delta[:, None]
+    if prod.shape[1] > 1 and cols_t.flags.c_contiguous:
+        acc = np.add.reduce(prod, axis=0)
+    else:
+        acc = prod[0].copy()
+        for j in range(1, prod.shape[0]):
+            acc += prod[j]
+    p += scale * acc
 
 
 def _compiled_shift() -> Callable[..., Any]:
-    """The compiled `_shift_prediction` (fastmath)."""
-    return _compiled(_shift_prediction, shift_prediction_ref, fastmath=True)
+    """The compiled `_shift_prediction`."""
+    return _compiled(_shift_prediction, shift_prediction_ref)
 
 
-def shift_prediction(cols: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray,
+def shift_prediction(cols_t: np.ndarray, delta: np.ndarray, scale: float, p: np.ndarray,
                      w: np.ndarray) -> None:
-    """w += scale * delta and p += scale * cols @ delta (numba, fastmath)."""
-    _compiled_shift()(cols, delta, scale, p, w)
+    """w += scale * delta and p += scale * (cols_t.T @ delta) (numba)."""
+    _compiled_shift()(cols_t, delta, scale, p, w)
 
 
 # ----------------------------------------------------------------------------- RPD
@@ -230,7 +249,12 @@ if not HAVE_NUMBA:      # no numba: the references themselves, no forwarding
 # slot (for a stack's table) or its stack (for a slot's table of every backward).
 
 G_, S_, MB, TR, BATCH, KS, POS = range(7)
-_SHIFT: Any = None      # the compiled `_shift_prediction`, set before the kernels compile
+# the compiled `_shift_prediction` and simulator kernels that other kernels call, set by
+# `sim_kernels` before any kernel compiles
+_SHIFT: Any = None
+_TERMS: Any = None
+_APPLY: Any = None
+_FORWARD: Any = None
 
 
 def _sim_forward(i0: int, i1: int, tab: np.ndarray, R: int, W: np.ndarray,
@@ -253,8 +277,8 @@ def _sim_forward(i0: int, i1: int, tab: np.ndarray, R: int, W: np.ndarray,
         fversion[g, mb, s] = ver
 
 
-def _sim_finish_backward(f0: int, f1: int, ftab: np.ndarray, pbuf: np.ndarray,
-                         acts: np.ndarray, b0: int, b1: int, btab: np.ndarray,
+def _sim_finish_backward(f0: int, f1: int, b0: int, b1: int, ftab: np.ndarray,
+                         pbuf: np.ndarray, acts: np.ndarray, btab: np.ndarray,
                          glast: np.ndarray, xs: np.ndarray, gbuf: np.ndarray,
                          abuf: np.ndarray) -> None:
     """a_out = X_b w (+ a_in from the stage before) of F ops f0..f1, kept in acts; then the
@@ -277,12 +301,11 @@ def _sim_finish_backward(f0: int, f1: int, ftab: np.ndarray, pbuf: np.ndarray,
 
 def _sim_terms(i0: int, i1: int, tab: np.ndarray, bounds: np.ndarray, gw: np.ndarray,
                lam: float, sigma: float, stash: np.ndarray, noise: np.ndarray, flush: int,
-               N: int, acc: np.ndarray, cnt: np.ndarray, ubuf: np.ndarray, upad: np.ndarray,
-               applied: np.ndarray, upos: np.ndarray) -> int:
+               N: int, acc: np.ndarray, cnt: np.ndarray, upad: np.ndarray,
+               applied: np.ndarray) -> None:
     """g_w = X_b^T g (+ lam w_stash) (+ sigma noise) of B ops i0..i1, through the flush
-    buffer: the gradients to apply go to ubuf (this stack, for the norms) and to upad[pos]
-    (the slot's row of the op); applied[pos] says which did. Returns how many apply."""
-    u = 0
+    buffer: the gradients to apply go to upad[pos] (the slot's row of the op); applied[pos]
+    says which do."""
     for i in range(i0, i1):
         n = i - i0
         g, s, mb, r, pos = tab[i, 0], tab[i, 1], tab[i, 2], tab[i, 3], tab[i, 6]
@@ -309,16 +332,12 @@ def _sim_terms(i0: int, i1: int, tab: np.ndarray, bounds: np.ndarray, gw: np.nda
                 gw[n, 0, j] = acc[g, s, r, j] / cnt[g, s, r]
             cnt[g, s, r] = 0
         for j in range(m):
-            ubuf[u, 0, j] = gw[n, 0, j]
             upad[pos, j] = gw[n, 0, j]
         applied[pos] = True
-        upos[u] = pos
-        u += 1
-    return u
 
 
 def _sim_apply(i0: int, i1: int, first: int, tab: np.ndarray, applied: np.ndarray,
-               upad: np.ndarray, sq: np.ndarray, lr: float, R: int, W: np.ndarray,
+               upad: np.ndarray, grads: np.ndarray, lr: float, R: int, W: np.ndarray,
                bounds: np.ndarray, version: np.ndarray, stash_ver: np.ndarray,
                losses: np.ndarray, cols0: np.ndarray, cols1: np.ndarray, scale: float,
                p: np.ndarray, tw: np.ndarray, step: np.ndarray, shifts: int, resync: int,
@@ -326,7 +345,8 @@ def _sim_apply(i0: int, i1: int, first: int, tab: np.ndarray, applied: np.ndarra
                ) -> tuple[int, int, int]:
     """Apply the slot's updates (B ops i0..i1 of every stack, in (group, stage) order; the
     table's POS column is the op's stack) from op `first` on: W -= lr g, versions, the
-    tracker's shift, the update rows. Stops right after a shift that makes `shifts` a
+    tracker's shift, the update rows (the gradient kept in grads[row] for the norms, which
+    the caller computes at the end). Stops right after a shift that makes `shifts` a
     multiple of `resync` (the caller resynchronises the tracker). Returns (next op, rows,
     shifts)."""
     for i in range(first, i1):
@@ -338,6 +358,7 @@ def _sim_apply(i0: int, i1: int, first: int, tab: np.ndarray, applied: np.ndarra
         m = bounds[s + 1] - lo
         row = g * R + r
         for j in range(m):
+            grads[nrows, j] = upad[pos, j]
             step[j] = lr * upad[pos, j]
             W[row, lo + j] = W[row, lo + j] - step[j]
         read = stash_ver[g, mb, s]
@@ -349,7 +370,7 @@ def _sim_apply(i0: int, i1: int, first: int, tab: np.ndarray, applied: np.ndarra
         rows_i[nrows, 0], rows_i[nrows, 1], rows_i[nrows, 2] = s, g, r
         rows_i[nrows, 3], rows_i[nrows, 4] = mb, tab[i, 4]
         rows_i[nrows, 5], rows_i[nrows, 6] = read, stale
-        rows_f[nrows, 0], rows_f[nrows, 1] = losses[g, mb], np.sqrt(sq[pos])
+        rows_f[nrows, 0] = losses[g, mb]
         rows_f[nrows, 2], rows_f[nrows, 3] = t, t + 1
         nrows += 1
         if shifts % resync == 0:
@@ -357,12 +378,42 @@ def _sim_apply(i0: int, i1: int, first: int, tab: np.ndarray, applied: np.ndarra
     return i1, nrows, shifts
 
 
-SIM_KERNELS = ("_sim_forward", "_sim_finish_backward", "_sim_terms", "_sim_apply")
+def _sim_close(b0: int, b1: int, a0: int, a1: int, f0: int, f1: int, t: int, nrows: int,
+               shifts: int, btab: np.ndarray, gw: np.ndarray, lam: float, sigma: float,
+               stash: np.ndarray, noise: np.ndarray, flush: int, N: int, acc: np.ndarray,
+               cnt: np.ndarray, upad: np.ndarray, applied: np.ndarray, atab: np.ndarray,
+               grads: np.ndarray, lr: float, R: int, W: np.ndarray, bounds: np.ndarray,
+               version: np.ndarray, stash_ver: np.ndarray, losses: np.ndarray,
+               cols0: np.ndarray, scale: float, p: np.ndarray, tw: np.ndarray,
+               step: np.ndarray, resync: int, rows_i: np.ndarray, rows_f: np.ndarray,
+               ftab: np.ndarray, xs: np.ndarray, fversion: np.ndarray, abuf: np.ndarray,
+               wbuf: np.ndarray) -> tuple[int, int, int]:
+    """One call for the end of slot t of a run with ONE stack (every stage as wide): its
+    B terms (B ops b0..b1 of the stack), its updates (`_sim_apply` from op a0 of the slot's
+    a0..a1), then, unless the updates stopped for a resync, the next slot's forwards (F
+    ops f0..f1; the caller passes f1 = f0 where they must wait, e.g. for an average). The
+    slot's numbers come first, the run's fixed arrays after them (the caller keeps those in
+    one tuple). Returns `_sim_apply`'s (next op, rows, shifts)."""
+    _TERMS(b0, b1, btab, bounds, gw, lam, sigma, stash, noise, flush, N, acc, cnt, upad,
+           applied)
+    nxt, nrows, shifts = _APPLY(a0, a1, a0, atab, applied, upad, grads, lr, R, W, bounds,
+                                version, stash_ver, losses, cols0, cols0, scale, p, tw, step,
+                                shifts, resync, t, nrows, rows_i, rows_f)
+    if nxt == a1 and f1 > f0:
+        _FORWARD(f0, f1, ftab, R, W, bounds, xs, stash, stash_ver, version, fversion, abuf,
+                 wbuf)
+    return nxt, nrows, shifts
+
+
+SIM_KERNELS = ("_sim_forward", "_sim_finish_backward", "_sim_terms", "_sim_apply",
+               "_sim_close")
 
 
 def sim_kernels() -> dict[str, Callable[..., Any]]:
     """The simulator's kernels, compiled (numba must be installed: `HAVE_NUMBA`)."""
-    global _SHIFT
+    global _SHIFT, _TERMS, _APPLY, _FORWARD
     _SHIFT = _compiled_shift()
     table = globals()
-    return {name: _compiled(table[name], table[name]) for name in SIM_KERNELS}
+    out = {name: _compiled(table[name], table[name]) for name in SIM_KERNELS}
+    _TERMS, _APPLY, _FORWARD = out["_sim_terms"], out["_sim_apply"], out["_sim_forward"]
+    return out

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rpd_mpi.objectives.kernels import shift_prediction
+from rpd_mpi.objectives.kernels import shift_prediction, shift_prediction_ref
 from rpd_mpi.objectives.partition import check_partition
 from rpd_mpi.objectives.problems import (LOSS_KIND, Problem, generate_problem, load_problem,
                                          smoothness)
@@ -127,6 +127,7 @@ class BlockLinearModel:
         self.slices = block_slices(self.dim, stages, partition)
         self.partition = tuple(sl.stop - sl.start for sl in self.slices)
         self._cols = [np.ascontiguousarray(self.X[:, sl]) for sl in self.slices]
+        self._cols_t = [np.ascontiguousarray(cols.T) for cols in self._cols]   # the tracker's
         self._batch_cols = [self._split_rows(cols) for cols in self._cols]
         self._batch_y = self._split_rows(self.y)
         self._pred = np.empty(self.examples)
@@ -231,8 +232,13 @@ class ObjectiveTracker:
 
     Keeps the prediction p = X w and updates it with the changed block's columns only
     (n x d_s instead of n x d per evaluation); re-synchronises exactly every `resync` shifts
-    so rounding cannot drift.
+    so rounding cannot drift. The first `NUMPY_SHIFTS` shifts of blocks of at most
+    `NUMPY_SIZE` values of X run the kernel's numpy version (the same bits; it holds an
+    n x d_s temporary), so a short run never imports numba (~0.3 s with loading the kernel).
     """
+
+    NUMPY_SHIFTS = 4096
+    NUMPY_SIZE = 1 << 20
 
     def __init__(self, model: BlockLinearModel, w: np.ndarray, resync: int = 4096) -> None:
         self.model, self.w = model, np.array(w, dtype=float)
@@ -242,7 +248,10 @@ class ObjectiveTracker:
 
     def shift(self, s: int, delta: np.ndarray, scale: float = 1.0) -> None:
         """w[slice_s] += scale * delta."""
-        shift_prediction(self.model._cols[s], delta, scale, self.p, self.blocks[s])
+        cols_t = self.model._cols_t[s]
+        shift = shift_prediction_ref if self.shifts < self.NUMPY_SHIFTS and \
+            cols_t.size <= self.NUMPY_SIZE else shift_prediction
+        shift(cols_t, delta, scale, self.p, self.blocks[s])
         self.shifts += 1
         if self.shifts % self.resync == 0:
             np.matmul(self.model.X, self.w, out=self.p)

@@ -1,6 +1,6 @@
 """Links between stages whose arrays live on GPUs (docs/DESIGN.md 4.4, docs/GPU.md).
 
-Same API as `comm.RecvLink` / `comm.SendLink` (`ready`, `take(mb) -> buffer`, `release`;
+Same API as `links.RecvLink` / `links.SendLink` (`ready`, `take(mb) -> buffer`, `release`;
 `buffer`, `send(mb, payload)`, `drain`), the buffers being device arrays; the MPI part is
 those classes themselves, composed, so the tag (= microbatch id) and size checks, the
 posting ahead and the wait strategy are the CPU ones. Three transports (`make_links`):
@@ -23,7 +23,7 @@ posting ahead and the wait strategy are the CPU ones. Three transports (`make_li
   when it releases the slot (after its host has seen its compute stream finish reading it)
   it sends a "credit" message, tagged with the microbatch that used the slot, and the
   sender writes message k into slot k % n only after the credit for message k - n. The
-  ring has n = 2 x depth slots, the slack of comm's links (depth receives posted ahead plus
+  ring has n = 2 x depth slots, the slack of the host links (depth receives posted ahead plus
   a send ring of depth), so IPC blocks no sooner than they do.
   Ready and credit messages run on the link's communicator in opposite directions
   (different sources, so they never match each other's receives).
@@ -44,7 +44,8 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
-from rpd_mpi.mpi.comm import CommError, RecvLink, SendLink, Waiter
+from rpd_mpi.mpi.comm import CommError, Waiter
+from rpd_mpi.mpi.links import RecvLink, SendLink
 from rpd_mpi.mpi.pinned import current_device, device_ring, pinned_array
 
 TRANSPORTS = ("staged", "direct", "ipc")
@@ -107,7 +108,7 @@ def _payload(xp: ModuleType, payload: Any, size: int, name: str) -> Any:
 
 
 class _RecvInto(RecvLink):
-    """comm.RecvLink that receives into the buffers it is given (pinned or device memory)."""
+    """links.RecvLink that receives into the buffers it is given (pinned or device memory)."""
 
     def __init__(self, bufs: list[Any], *args: Any, **kwargs: Any) -> None:
         self._given = bufs
@@ -119,7 +120,7 @@ class _RecvInto(RecvLink):
 
 
 class _SendFrom(SendLink):
-    """comm.SendLink that sends from the buffers it is given."""
+    """links.SendLink that sends from the buffers it is given."""
 
     def __init__(self, bufs: list[Any], *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -371,7 +372,7 @@ class IpcSendLink:
 
 @dataclass(frozen=True)
 class Links:
-    """Constructors of a transport's links, with comm.RecvLink / comm.SendLink's arguments."""
+    """Constructors of a transport's links, with links.RecvLink / links.SendLink's arguments."""
 
     kind: str
     recv: Callable[..., Any]

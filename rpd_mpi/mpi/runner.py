@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from rpd_mpi.engines.health import Diverged
-from rpd_mpi.mpi.comm import STOP_DIVERGED, STOP_WRITE, Comm, StageLinks, Stopped, Waiter
+from rpd_mpi.mpi.comm import STOP_DIVERGED, STOP_WRITE, Comm, Stopped, Waiter
+from rpd_mpi.mpi.links import StageLinks
 from rpd_mpi.mpi.recorder import PartWriteFailed
 from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.records import Divergence

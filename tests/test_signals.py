@@ -44,12 +44,17 @@ def _check(job: subprocess.Popen, err: Path, out: Path, name: str, full: int) ->
 def test_simulator_stops_on_sigterm(tmp_path: Path) -> None:
     err, out = tmp_path / "err.txt", tmp_path / "s.h5"
     with err.open("w") as e:
-        job = subprocess.Popen([sys.executable, "-m", "rpd_mpi", "simulate", "--stages", "8",
-                                "--microbatches", "40000", "--dim", "64", "--out", str(out)],
+        # charlm: ~20 s uninterrupted here, so the signal lands mid-run (the compiled
+        # block-linear path now finishes 320,000 updates before the first progress line;
+        # its stop between slots is tested in tests/test_fast_sim.py)
+        job = subprocess.Popen([sys.executable, "-m", "rpd_mpi", "simulate", "--objective",
+                                "charlm", "--stages", "3", "--microbatches", "20000",
+                                "--width", "8", "--heads", "2", "--context", "8",
+                                "--batch-size", "2", "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=e, cwd=tmp_path)
         _wait_for_progress(err, job)
         job.send_signal(signal.SIGTERM)
-        _check(job, err, out, "SIGTERM", 40000 * 8)
+        _check(job, err, out, "SIGTERM", 20000 * 3)
 
 
 @pytest.mark.timeout(120)

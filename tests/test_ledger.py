@@ -214,7 +214,9 @@ def test_rank_part_appends_in_blocks(tmp_path: Path) -> None:
         part.append_updates(np.zeros(5, PART_UPDATE_DTYPE))
         assert part._updates.dataset.shape[0] == 0          # still buffered
     assert 2 <= len(set(sizes_on_disk) - {0}) < 40          # a few blocks, not one per append
-    events, updates = read_part(path)
+    part = read_part(path)
+    events, updates = part.events, part.updates
+    assert tuple(part) == (events, updates)          # also unpacks as a pair
     np.testing.assert_array_equal(events["microbatch"], np.arange(2500))
     np.testing.assert_array_equal(events, _event_rows(0, 2500))
     assert updates.dtype == PART_UPDATE_DTYPE and updates.shape == (5,)

@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import h5py
 import numpy as np
@@ -344,12 +344,18 @@ def _check_part(f: h5py.File, path: str | os.PathLike[str], allow_incomplete: bo
         raise LedgerError(f"{path} is incomplete (the rank did not close its part)")
 
 
-def read_part(path: str | os.PathLike[str],
-              allow_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(events, updates) of a part file, in append order."""
+class PartRows(NamedTuple):
+    """The event and update rows of a part file, in append order."""
+
+    events: np.ndarray
+    updates: np.ndarray
+
+
+def read_part(path: str | os.PathLike[str], allow_incomplete: bool = False) -> PartRows:
+    """The rows of a part file (`PartRows`: `.events`, `.updates`; unpacks as a pair)."""
     with open_ledger(path, "part file") as f:
         _check_part(f, path, allow_incomplete)
-        return f["events"][()], f["updates"][()]
+        return PartRows(f["events"][()], f["updates"][()])
 
 
 def read_part_snapshots(path: str | os.PathLike[str]) -> np.ndarray | None:

@@ -80,8 +80,8 @@ def build_record(cfg: RunConfig, model: Model, tl: Timeline, rpd: RPDSetup | Non
     S = cfg.schedule.stages
     present = [(r, p) for r, p in enumerate(paths) if p is not None]
     parts = [read_part(p, allow_incomplete=stopped) for _, p in present]
-    events = np.concatenate([p[0] for p in parts])
-    rows = np.concatenate([p[1] for p in parts])
+    events = np.concatenate([p.events for p in parts])
+    rows = np.concatenate([p.updates for p in parts])
     if rpd is not None:
         rows["loss"] = _rpd_losses(paths[S - 1], rpd.plan.stage.size)[rows["microbatch"]]
         updates, delta = plan_updates(rows, rpd.plan), rpd.delta

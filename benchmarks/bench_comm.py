@@ -20,7 +20,7 @@ import numpy as np
 from mpi4py import MPI
 
 from rpd_mpi.mpi.comm import Comm, Waiter
-from rpd_mpi.mpi.links import RecvLink, SendLink
+from rpd_mpi.mpi.comm_links import RecvLink, SendLink
 from rpd_mpi.config import ObjectiveConfig, RunConfig, RuntimeConfig, ScheduleConfig
 from rpd_mpi.ledger.run_file import read_run
 from rpd_mpi.ledger.report import summarize

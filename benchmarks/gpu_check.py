@@ -483,7 +483,7 @@ def do_bandwidth(state: dict[str, Any], p: dict[str, Any]) -> str:
     text = table(list(rows.values()), ["MiB", *kinds])
     text += ("\n\nEach cell: bytes of one message x 2 x round trips / seconds, ping-pong "
              "between 2 ranks through the links the runtime uses. host = numpy buffers "
-             "through links.SendLink/RecvLink (the MPI baseline); staged = D2H into pinned "
+             "through comm_links.SendLink/RecvLink (the MPI baseline); staged = D2H into pinned "
              "memory (its event synchronized before the Isend), host MPI, H2D; ipc = "
              "device-to-device into the peer's ring + a small MPI message; direct = device "
              "buffers to MPI.")

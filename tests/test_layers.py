@@ -19,7 +19,7 @@ What it enforces (each rule reports `path:line: [rule] message`):
                rpd_mpi.cli, rpd_mpi.commands, rpd_mpi.build, rpd_mpi.flags or rpd_mpi.entry.
   schedule     rpd_mpi.schedule imports only rpd_mpi.schedule, rpd_mpi.records and
                rpd_mpi.config.
-  mpi4py       only rpd_mpi/mpi/comm.py, rpd_mpi/mpi/links.py and rpd_mpi/mpi/comm_gpu.py
+  mpi4py       only rpd_mpi/mpi/comm.py, rpd_mpi/mpi/comm_links.py and rpd_mpi/mpi/comm_gpu.py
                import mpi4py.
   h5py         only modules in rpd_mpi/ledger/ import h5py.
   tools        rpd_mpi.analysis and rpd_mpi.experiments never import rpd_mpi.cli,
@@ -355,7 +355,7 @@ CORE_FORBIDDEN = ("rpd_mpi.mpi", "rpd_mpi.ledger", "rpd_mpi.analysis", "rpd_mpi.
                   "rpd_mpi.cli", "rpd_mpi.commands", "rpd_mpi.build", "rpd_mpi.flags",
                   "rpd_mpi.entry")
 SCHEDULE_ALLOWED = ("rpd_mpi.schedule", "rpd_mpi.records", "rpd_mpi.config")
-MPI4PY_IMPORTERS = ("rpd_mpi.mpi.comm", "rpd_mpi.mpi.links", "rpd_mpi.mpi.comm_gpu")
+MPI4PY_IMPORTERS = ("rpd_mpi.mpi.comm", "rpd_mpi.mpi.comm_links", "rpd_mpi.mpi.comm_gpu")
 TOOL_PACKAGES = ("rpd_mpi.analysis", "rpd_mpi.experiments")
 TOOL_FORBIDDEN = ("rpd_mpi.cli", "rpd_mpi.commands", "rpd_mpi.entry", "rpd_mpi.mpi")
 FRONT = ("rpd_mpi.cli", "rpd_mpi.commands", "rpd_mpi.entry")
@@ -381,7 +381,7 @@ LAYER_RULES: tuple[Rule, ...] = (
          and not _any_in(i.target, SCHEDULE_ALLOWED),
          "rpd_mpi.schedule imports only " + ", ".join(SCHEDULE_ALLOWED)),
     Rule("mpi4py", lambda i: i.top == "mpi4py" and i.module not in MPI4PY_IMPORTERS,
-         "only rpd_mpi/mpi/comm.py, rpd_mpi/mpi/links.py and rpd_mpi/mpi/comm_gpu.py import "
+         "only rpd_mpi/mpi/comm.py, rpd_mpi/mpi/comm_links.py and rpd_mpi/mpi/comm_gpu.py import "
          "mpi4py"),
     Rule("h5py", lambda i: i.top == "h5py" and not in_package(i.module, "rpd_mpi.ledger"),
          "only modules in rpd_mpi/ledger/ import h5py"),

@@ -1,11 +1,11 @@
-"""The communication layer: with links (host links) and comm_gpu (device links), the only
+"""The communication layer: with comm_links (host links) and comm_gpu (device links), the only
 modules that import mpi4py.
 
 Owns communicators (Dup of COMM_WORLD once; Split into a pipeline communicator per group and
 a stage communicator per stage), the wait strategy (`Waiter`: spin or polite), the job-wide
 stop and cut flags (`StopFlag`), the protocol errors (`CommError`, `RecvTimeout`, `Stopped`)
 and the bounded collectives. The point-to-point links that move activations and gradients
-are in `links`, built on this module.
+are in `comm_links`, built on this module.
 
 Importing this module initialises MPI (that is what importing mpi4py.MPI does); only the
 `train` path imports it (the rest of `rpd_mpi.mpi`), never `simulate` or analysis.

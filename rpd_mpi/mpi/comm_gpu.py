@@ -1,6 +1,6 @@
 """Links between stages whose arrays live on GPUs (docs/DESIGN.md 4.4, docs/GPU.md).
 
-Same API as `links.RecvLink` / `links.SendLink` (`ready`, `take(mb) -> buffer`, `release`;
+Same API as `comm_links.RecvLink` / `comm_links.SendLink` (`ready`, `take(mb) -> buffer`, `release`;
 `buffer`, `send(mb, payload)`, `drain`), the buffers being device arrays; the MPI part is
 those classes themselves, composed, so the tag (= microbatch id) and size checks, the
 posting ahead and the wait strategy are the CPU ones. Three transports (`make_links`):
@@ -45,7 +45,7 @@ import numpy as np
 from mpi4py import MPI
 
 from rpd_mpi.mpi.comm import CommError, Waiter
-from rpd_mpi.mpi.links import RecvLink, SendLink
+from rpd_mpi.mpi.comm_links import RecvLink, SendLink
 from rpd_mpi.mpi.pinned import current_device, device_ring, pinned_array
 
 TRANSPORTS = ("staged", "direct", "ipc")
@@ -108,7 +108,7 @@ def _payload(xp: ModuleType, payload: Any, size: int, name: str) -> Any:
 
 
 class _RecvInto(RecvLink):
-    """links.RecvLink that receives into the buffers it is given (pinned or device memory)."""
+    """comm_links.RecvLink that receives into the buffers it is given (pinned or device memory)."""
 
     def __init__(self, bufs: list[Any], *args: Any, **kwargs: Any) -> None:
         self._given = bufs
@@ -120,7 +120,7 @@ class _RecvInto(RecvLink):
 
 
 class _SendFrom(SendLink):
-    """links.SendLink that sends from the buffers it is given."""
+    """comm_links.SendLink that sends from the buffers it is given."""
 
     def __init__(self, bufs: list[Any], *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -372,7 +372,7 @@ class IpcSendLink:
 
 @dataclass(frozen=True)
 class Links:
-    """Constructors of a transport's links, with links.RecvLink / links.SendLink's arguments."""
+    """Constructors of a transport's links, with comm_links.RecvLink / comm_links.SendLink's arguments."""
 
     kind: str
     recv: Callable[..., Any]

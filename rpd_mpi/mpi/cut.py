@@ -37,7 +37,7 @@ import numpy as np
 
 from rpd_mpi.checkpoint import Writer
 from rpd_mpi.mpi.comm import CUT_FINAL, CUT_PERIODIC, STOP_SIGNAL, Comm, Stopped, Waiter
-from rpd_mpi.mpi.links import StageLinks
+from rpd_mpi.mpi.comm_links import StageLinks
 from rpd_mpi.mpi.recorder import Recorder
 from rpd_mpi.mpi.runner import sent_count
 

@@ -25,7 +25,7 @@ from rpd_mpi.engines.rpd import RPDPlan
 from rpd_mpi.ledger.parts import RankPart
 from rpd_mpi.mpi.comm import Comm, Stopped, Waiter, wtime
 from rpd_mpi.mpi.cut import END, Cutter, CutRunner, Held, next_input
-from rpd_mpi.mpi.links import stage_links
+from rpd_mpi.mpi.comm_links import stage_links
 from rpd_mpi.mpi.recorder import Recorder, hold
 from rpd_mpi.mpi.runner import STOPS, RunnerResult, stop_for
 from rpd_mpi.objectives.protocol import Model

@@ -16,7 +16,7 @@ import numpy as np
 
 from rpd_mpi.engines.health import Diverged
 from rpd_mpi.mpi.comm import STOP_DIVERGED, STOP_WRITE, Comm, Stopped, Waiter
-from rpd_mpi.mpi.links import StageLinks
+from rpd_mpi.mpi.comm_links import StageLinks
 from rpd_mpi.mpi.recorder import PartWriteFailed
 from rpd_mpi.objectives.protocol import Model
 from rpd_mpi.records import Divergence
